@@ -1,0 +1,340 @@
+"""`ladle bench serve`: load an OpenAI-compatible server and report throughput and latency.
+
+Works against any server that speaks the OpenAI API (Ladle, vLLM, llama.cpp's server), so peers
+are measured with the same tool. Prompts are generated locally: random token ids of given
+lengths (sent to /v1/completions, so every server sees exactly the same tokens), prompts sharing
+a prefix, or a chat-like mix of lengths (sent to /v1/chat/completions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ladle.bench.http_client import Endpoint, HTTPStatusError, post_json
+
+DATASETS = ("random", "shared-prefix", "chat")
+
+
+@dataclass
+class BenchRequest:
+    prompt_ids: list[int] | None  # completions: exact token ids
+    messages: list[dict] | None  # chat: a conversation
+    prompt_len: int  # tokens in the prompt (for chat: of the text before the template)
+    output_len: int  # max_tokens (EOS ignored unless --no-ignore-eos)
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    prompt_len: int
+    output_tokens: int = 0
+    ttft_s: float = 0.0
+    e2e_s: float = 0.0
+    itl_s: list[float] = field(default_factory=list)
+    error: str = ""
+    status: int = 0
+
+    @property
+    def tpot_s(self) -> float | None:
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+
+
+# -- datasets ----------------------------------------------------------------------------------------
+
+
+def build_dataset(args, tokenizer) -> list[BenchRequest]:
+    rng = random.Random(args.seed)
+    specials = set(tokenizer.stop_token_ids) | {t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t}
+    vocab = [i for i in range(min(tokenizer.vocab_size, 1 << 20)) if i not in specials]
+
+    def tokens(n: int) -> list[int]:
+        return [rng.choice(vocab) for _ in range(n)]
+
+    def length(mean: int) -> int:
+        r = args.range_ratio
+        return max(1, int(mean * rng.uniform(1 - r, 1 + r))) if r else mean
+
+    out = []
+    if args.dataset == "random":
+        for _ in range(args.num_prompts):
+            n = length(args.input_len)
+            out.append(BenchRequest(tokens(n), None, n, length(args.output_len)))
+    elif args.dataset == "shared-prefix":
+        prefix = tokens(args.prefix_len)
+        for _ in range(args.num_prompts):
+            n = length(args.input_len)
+            out.append(BenchRequest(prefix + tokens(n), None, args.prefix_len + n, length(args.output_len)))
+    else:  # chat: prompt and answer lengths spread like conversations (log-normal, clipped)
+        words = [w for w in (tokenizer.decode([t]).strip() for t in rng.sample(vocab, 2000)) if w.isalpha()]
+        for _ in range(args.num_prompts):
+            n_words = int(min(max(rng.lognormvariate(math.log(args.input_len * 0.7), 0.8), 4), args.input_len * 4))
+            text = " ".join(rng.choice(words) for _ in range(n_words))
+            n_out = int(min(max(rng.lognormvariate(math.log(args.output_len), 0.6), 8), args.output_len * 3))
+            out.append(BenchRequest(None, [{"role": "user", "content": text}], len(tokenizer.encode(text)), n_out))
+    return out
+
+
+# -- load --------------------------------------------------------------------------------------------
+
+
+async def one_request(endpoint: Endpoint, model: str, req: BenchRequest, args) -> RequestResult:
+    body = {
+        "model": model,
+        "max_tokens": req.output_len,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if args.ignore_eos:
+        body["ignore_eos"] = True
+    if req.messages is not None:
+        path, body["messages"] = "/chat/completions", req.messages
+    else:
+        path, body["prompt"] = "/completions", req.prompt_ids
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    result = RequestResult(ok=False, prompt_len=req.prompt_len)
+    start = time.perf_counter()
+    last = None
+    pieces = 0
+    try:
+        async for event in post_json(endpoint, path, body, headers, stream=True):
+            now = time.perf_counter()
+            if event == "[DONE]":
+                break
+            if event.get("usage"):
+                result.output_tokens = event["usage"].get("completion_tokens", 0)
+            for choice in event.get("choices") or ():
+                text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
+                if not text:
+                    continue
+                pieces += 1
+                if last is None:
+                    result.ttft_s = now - start
+                else:
+                    result.itl_s.append(now - last)
+                last = now
+        result.e2e_s = time.perf_counter() - start
+        result.output_tokens = result.output_tokens or pieces
+        result.ok = last is not None
+        if not result.ok:
+            result.error = "no tokens received"
+    except HTTPStatusError as e:
+        result.error, result.status = str(e), e.status
+    except (OSError, ValueError, asyncio.IncompleteReadError) as e:
+        result.error = f"{type(e).__name__}: {e}"
+    return result
+
+
+async def run_load(
+    endpoint: Endpoint, model: str, requests: list[BenchRequest], args, concurrency: int | None, rate: float, progress
+) -> tuple[list[RequestResult], float]:
+    """Send every request: at most `concurrency` at once (None: no limit), arrivals spaced as a
+    Poisson process of `rate` per second (inf: all at once). Returns results and the duration."""
+    rng = random.Random(args.seed + 1)
+    limit = asyncio.Semaphore(concurrency) if concurrency else None
+    results: list[RequestResult | None] = [None] * len(requests)
+
+    async def run(i: int, req: BenchRequest):
+        if limit is not None:
+            async with limit:
+                results[i] = await one_request(endpoint, model, req, args)
+        else:
+            results[i] = await one_request(endpoint, model, req, args)
+        progress.update(1)
+
+    start = time.perf_counter()
+    tasks = []
+    for i, req in enumerate(requests):
+        tasks.append(asyncio.create_task(run(i, req)))
+        if rate != math.inf:
+            await asyncio.sleep(rng.expovariate(rate))
+    await asyncio.gather(*tasks)
+    return results, time.perf_counter() - start
+
+
+# -- report ------------------------------------------------------------------------------------------
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"mean_ms": None, "p50_ms": None, "p95_ms": None, "p99_ms": None}
+    ordered = sorted(values)
+
+    def pct(p):
+        return 1000 * ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
+
+    return {"mean_ms": 1000 * statistics.fmean(values), "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99)}
+
+
+def summarize(results: list[RequestResult], duration_s: float, slo: dict[str, float]) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_len for r in ok)
+    good = [r for r in ok if _meets(r, slo)]
+    statuses: dict[str, int] = {}
+    for r in results:
+        if not r.ok:
+            statuses[str(r.status or "error")] = statuses.get(str(r.status or "error"), 0) + 1
+    return {
+        "num_requests": len(results),
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "failures_by_status": statuses,
+        "duration_s": duration_s,
+        "request_throughput": len(ok) / duration_s,
+        "output_tokens_per_s": out_tokens / duration_s,
+        "total_tokens_per_s": (in_tokens + out_tokens) / duration_s,
+        "goodput_requests_per_s": len(good) / duration_s if slo else None,
+        "slo_ms": slo,
+        "ttft": _percentiles([r.ttft_s for r in ok]),
+        "tpot": _percentiles([r.tpot_s for r in ok if r.tpot_s is not None]),
+        "itl": _percentiles([x for r in ok for x in r.itl_s]),
+        "e2e": _percentiles([r.e2e_s for r in ok]),
+        "input_tokens": in_tokens,
+        "output_tokens": out_tokens,
+        "first_error": next((r.error for r in results if not r.ok), None),
+    }
+
+
+def _meets(r: RequestResult, slo: dict[str, float]) -> bool:
+    got = {"ttft": r.ttft_s, "tpot": r.tpot_s or 0.0, "e2e": r.e2e_s}
+    return all(got[k] * 1000 <= v for k, v in slo.items())
+
+
+def parse_slo(spec: str | None) -> dict[str, float]:
+    """'ttft:500,tpot:50' → {'ttft': 500.0, 'tpot': 50.0} (milliseconds)."""
+    slo = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        key, _, value = part.partition(":")
+        if key.strip() not in ("ttft", "tpot", "e2e") or not value:
+            raise ValueError(f"--goodput takes ttft:MS,tpot:MS,e2e:MS, got {part!r}")
+        slo[key.strip()] = float(value)
+    return slo
+
+
+def print_summary(label: str, load: str, s: dict) -> None:
+    def row(name, d):
+        if d["mean_ms"] is None:
+            return f"  {name:5s} n/a"
+        return (
+            f"  {name:5s} mean {d['mean_ms']:9.1f}  p50 {d['p50_ms']:9.1f}  p95 {d['p95_ms']:9.1f}  "
+            f"p99 {d['p99_ms']:9.1f} ms"
+        )
+
+    print(
+        f"[{label}] {load}: {s['completed']}/{s['num_requests']} ok in {s['duration_s']:.1f} s | "
+        f"{s['request_throughput']:.2f} req/s, {s['output_tokens_per_s']:.1f} output tok/s, "
+        f"{s['total_tokens_per_s']:.1f} total tok/s"
+        + (f", goodput {s['goodput_requests_per_s']:.2f} req/s" if s["goodput_requests_per_s"] is not None else "")
+    )
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        print(row(name, s[name]))
+    if s["failed"]:
+        print(f"  failures: {s['failures_by_status']}; first: {s['first_error']}")
+
+
+def plot(path: Path, label: str, points: list[tuple[str, dict]]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return False
+    xs = [p[0] for p in points]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
+    a.plot(xs, [p[1]["output_tokens_per_s"] for p in points], "o-", label="output tok/s")
+    a.plot(xs, [p[1]["total_tokens_per_s"] for p in points], "s--", label="total tok/s")
+    a.set_title("throughput")
+    for name, axis in (("ttft", b), ("tpot", c)):
+        for pct, style in (("p50_ms", "o-"), ("p95_ms", "^--"), ("p99_ms", "s:")):
+            axis.plot(xs, [p[1][name][pct] or 0 for p in points], style, label=pct.replace("_ms", ""))
+        axis.set_title(f"{name.upper()} (ms)")
+    for axis in (a, b, c):
+        axis.set_xlabel("load (concurrency or rate)")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.suptitle(f"ladle bench serve: {label}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+# -- entry point -------------------------------------------------------------------------------------
+
+
+def main(args) -> int:
+    from tqdm import tqdm
+
+    from ladle.model.loader import load_tokenizer
+    from ladle.model.source import resolve_model
+
+    endpoint = Endpoint.parse(args.base_url)
+    source = resolve_model(args.model, args.served_model_name)
+    model = args.served_model_name or source.name
+    tokenizer = load_tokenizer(source)
+    slo = parse_slo(args.goodput)
+    requests = build_dataset(args, tokenizer)
+    loads = _loads(args)
+    points = []
+    for load_label, concurrency, rate in loads:
+        if args.warmup:
+            warm = [
+                BenchRequest(tokens.prompt_ids, tokens.messages, tokens.prompt_len, 4)
+                for tokens in requests[: args.warmup]
+            ]
+            asyncio.run(run_load(endpoint, model, warm, args, None, math.inf, _Quiet()))
+        with tqdm(total=len(requests), desc=f"{args.label} {load_label}", file=sys.stderr, leave=False) as bar:
+            results, duration = asyncio.run(run_load(endpoint, model, requests, args, concurrency, rate, bar))
+        summary = summarize(results, duration, slo)
+        print_summary(args.label, load_label, summary)
+        points.append((load_label, summary))
+    _save(args, model, points)
+    return 0 if all(p[1]["completed"] for p in points) else 1
+
+
+class _Quiet:
+    def update(self, n):
+        pass
+
+
+def _loads(args) -> list[tuple[str, int | None, float]]:
+    if args.sweep:
+        values = [v.strip() for v in args.sweep.split(",") if v.strip()]
+        if args.request_rate is not None:
+            return [(f"rate={v}", None, float(v)) for v in values]
+        return [(f"c={v}", int(v), math.inf) for v in values]
+    if args.request_rate is not None:
+        return [(f"rate={args.request_rate}", args.concurrency, args.request_rate)]
+    return [(f"c={args.concurrency}", args.concurrency, math.inf)]
+
+
+def _save(args, model: str, points) -> None:
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = out / f"serve-{args.label}-{args.dataset}-{stamp}"
+    payload = {
+        "command": "ladle bench serve",
+        "label": args.label,
+        "model": model,
+        "base_url": args.base_url,
+        "args": {k: v for k, v in vars(args).items() if k not in ("func", "api_key")},
+        "points": [{"load": label, **summary} for label, summary in points],
+    }
+    base.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    print(f"saved {base.with_suffix('.json')}")
+    if plot(base.with_suffix(".png"), f"{args.label}, {args.dataset}", points):
+        print(f"saved {base.with_suffix('.png')}")

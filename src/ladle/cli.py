@@ -1,0 +1,324 @@
+"""`ladle` command line: parses arguments and wires components together; no logic of its own.
+
+Every user error (bad path, bad flag value, bad file) ends in one line on stderr and exit code 2;
+`--debug` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from ladle import __version__
+from ladle.errors import LadleError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        metavar="PATH",
+        help="a GGUF file or a Hugging Face folder (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight and KV-cache dtype; auto = bf16 on CUDA and on CPUs with native bf16, else float32",
+    )
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default)")
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="longest prompt + output in tokens (default: the model's context length)",
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from ladle.engine.llm import build_engine
+    from ladle.sample.params import SamplingParams
+
+    if args.max_tokens < 1:
+        raise LadleError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.temperature < 0:
+        raise LadleError(f"--temperature must be >= 0, got {args.temperature}")
+    engine = build_engine(_engine_config(args))
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    prompts = [args.prompt] if args.prompt is not None else _read_prompts()
+    for i, prompt in enumerate(prompts):
+        tok = engine.tokenizer
+        ids = tok.encode_chat([{"role": "user", "content": prompt}]) if args.chat else tok.encode(prompt)
+        engine.add_request(f"cli-{i}", ids, params)
+        while engine.has_unfinished():
+            for delta in engine.step():
+                sys.stdout.write(delta.new_text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return 0
+
+
+def _engine_config(args: argparse.Namespace):
+    from ladle.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+    return EngineConfig(
+        model=ModelConfig(
+            model=args.model,
+            served_name=getattr(args, "served_model_name", None),
+            dtype=args.dtype,
+            device=args.device,
+            max_model_len=args.max_model_len,
+        ),
+        cache=CacheConfig(
+            block_size=args.block_size,
+            kv_cache_memory_gib=args.kv_cache_memory,
+            enable_prefix_caching=not args.no_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            policy=args.scheduling_policy,
+        ),
+    )
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "--kv-cache-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="KV-cache budget in GiB (default: a quarter of free RAM up to 4 GiB; 85%% of free GPU memory)",
+    )
+    g.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block (16)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="recompute shared prefixes")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="tokens computed per step across requests; longer prompts prefill in chunks (2048)",
+    )
+    g.add_argument("--max-num-seqs", type=int, default=64, metavar="N", help="requests running at once (64)")
+    g.add_argument(
+        "--scheduling-policy",
+        choices=["fcfs", "priority"],
+        default="fcfs",
+        help="fcfs, or priority (lower value first, preempting higher values)",
+    )
+
+
+def _read_prompts():
+    """Prompts from standard input, one per line (an interactive session on a terminal)."""
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ladle", description="Ladle: an LLM inference server with an OpenAI-compatible API."
+    )
+    parser.add_argument("--version", action="version", version=f"ladle {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="complete a prompt offline and print the text as it comes")
+    gen.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read prompts from stdin)")
+    _add_model_args(gen)
+    _add_engine_args(gen)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=256, metavar="N", help="most tokens to generate (256)")
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    gen.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
+    gen.set_defaults(func=_cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    _add_model_args(srv)
+    _add_engine_args(srv)
+    g = srv.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="port (8000)")
+    g.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the model name clients use (default: from the file or folder)",
+    )
+    g.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accept this bearer token (repeatable); without one, no authentication",
+    )
+    g.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=8 * 1024 * 1024,
+        metavar="N",
+        help="larger request bodies get 413 (8 MiB)",
+    )
+    g.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=256,
+        metavar="N",
+        help="requests queued beyond this get 429 with Retry-After (256)",
+    )
+    g.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, seconds in-flight requests may still run before they are aborted (30)",
+    )
+    g.add_argument("--no-warmup", action="store_true", help="skip the warm-up passes before /ready")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    srv.set_defaults(func=_cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", metavar="BENCH", required=True)
+    tp = bench.add_parser("throughput", help="offline batch throughput, optionally against transformers")
+    _add_model_args(tp)
+    _add_engine_args(tp)
+    tp.add_argument("--num-prompts", type=int, default=64, metavar="N")
+    tp.add_argument("--input-len", type=int, default=256, metavar="N", help="prompt tokens (random ids)")
+    tp.add_argument("--output-len", type=int, default=128, metavar="N", help="generated tokens (EOS ignored)")
+    tp.add_argument(
+        "--baseline",
+        choices=["none", "hf"],
+        default="none",
+        help="hf: the same prompts through transformers generate(), one at a time",
+    )
+    tp.add_argument(
+        "--baseline-num-prompts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run the baseline on the first N prompts only (its rate does not depend on N)",
+    )
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--results-dir", default="benchmarks/results", metavar="DIR")
+    tp.set_defaults(func=_cmd_bench_throughput)
+
+    bs = bench.add_parser("serve", help="load an OpenAI-compatible server (Ladle or a peer) and report latency")
+    bs.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the server's OpenAI base URL")
+    bs.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        metavar="PATH",
+        help="the model the server runs, for its tokenizer and name (default: the embedded one)",
+    )
+    bs.add_argument("--served-model-name", default=None, metavar="NAME", help="model name to send, if different")
+    bs.add_argument("--api-key", default=None)
+    bs.add_argument("--dataset", choices=["random", "shared-prefix", "chat"], default="random")
+    bs.add_argument("--num-prompts", type=int, default=128, metavar="N")
+    bs.add_argument("--input-len", type=int, default=256, metavar="N", help="prompt tokens (mean for chat)")
+    bs.add_argument("--output-len", type=int, default=128, metavar="N", help="output tokens (mean for chat)")
+    bs.add_argument("--prefix-len", type=int, default=512, metavar="N", help="shared-prefix: shared tokens")
+    bs.add_argument(
+        "--range-ratio",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="spread lengths uniformly by +-R (random, shared-prefix)",
+    )
+    bs.add_argument("--concurrency", type=int, default=32, metavar="N", help="requests in flight at most (32)")
+    bs.add_argument(
+        "--request-rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="Poisson arrivals per second instead of a fixed concurrency",
+    )
+    bs.add_argument(
+        "--sweep",
+        default=None,
+        metavar="A,B,...",
+        help="run at each of these concurrencies (or rates, with --request-rate) and plot",
+    )
+    bs.add_argument("--goodput", default=None, metavar="SLO", help="latency targets, e.g. ttft:2000,tpot:100 (ms)")
+    bs.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false", help="let requests stop at EOS")
+    bs.add_argument("--warmup", type=int, default=2, metavar="N", help="short requests sent first (2)")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--label", default="ladle", help="name of the system under test, for files and output")
+    bs.add_argument("--results-dir", default="benchmarks/results", metavar="DIR")
+    bs.set_defaults(func=_cmd_bench_serve)
+    return parser
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from ladle.bench.serve import main as bench_main
+
+    if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
+        raise LadleError("--num-prompts, --input-len and --output-len must be at least 1")
+    try:
+        return bench_main(args)
+    except ValueError as e:
+        raise LadleError(str(e)) from None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ladle.config import LadleConfig, ServerConfig
+    from ladle.model.source import resolve_model
+    from ladle.server.serve import run
+
+    source = resolve_model(args.model, args.served_model_name)  # a bad path fails here, before binding
+    server = ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_keys=tuple(args.api_key),
+        max_request_bytes=args.max_request_bytes,
+        max_waiting_requests=args.max_waiting_requests,
+        drain_timeout_s=args.drain_timeout,
+        warmup=not args.no_warmup,
+    )
+    logging.getLogger("ladle").setLevel(logging.DEBUG if args.debug else getattr(logging, args.log_level.upper()))
+    return run(LadleConfig(engine=_engine_config(args), server=server), source.name, args.log_level)
+
+
+def _cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from ladle.bench.throughput import main as bench_main
+
+    for flag in ("num_prompts", "input_len", "output_len"):
+        if getattr(args, flag) < 1:
+            raise LadleError(f"--{flag.replace('_', '-')} must be at least 1")
+    return bench_main(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    try:
+        return func(args)
+    except LadleError as e:
+        if args.debug:
+            raise
+        print(f"ladle: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130

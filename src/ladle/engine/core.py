@@ -1,0 +1,287 @@
+"""The engine core: requests in, one scheduled step at a time, token deltas out.
+
+Plain Python: tensors stay in the executor (the model runner) it is given. Not thread-safe: one
+thread drives it (the caller of `LLM.generate`, or the async engine's loop thread).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ladle.config import EngineConfig
+from ladle.engine.detokenizer import IncrementalDetokenizer
+from ladle.engine.kv_manager import KVCacheManager
+from ladle.engine.outputs import RequestMetrics, RequestOutput
+from ladle.engine.request import FinishReason, Request, RequestStatus
+from ladle.engine.scheduler import ScheduledChunk, Scheduler
+from ladle.errors import InvalidRequestError
+from ladle.model.tokenizer import Tokenizer
+from ladle.runner.step import SampleSpec, StepBatch, StepRequest, StepResult, TokenLogprobs
+from ladle.sample.params import SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the engine serves, for logs, /v1/models and metrics."""
+
+    model_name: str  # the name requests use
+    dtype: str  # weights and KV cache, e.g. "float32"
+    device: str  # "cpu", "cuda:0", ...
+    max_model_len: int  # prompt + output tokens at most
+    num_kv_blocks: int  # KV-cache blocks
+    block_size: int  # tokens per block
+    attention_backend: str  # attention implementation in use
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.num_kv_blocks * self.block_size
+
+
+@dataclass
+class EngineStats:
+    """Counters since start and gauges now; the metrics exporter reads these."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0  # share of KV blocks held by requests
+    num_kv_blocks: int = 0
+    num_steps: int = 0
+    num_prompt_tokens: int = 0  # prompt tokens of admitted requests
+    num_computed_tokens: int = 0  # tokens run through the model (prompts, recomputation, decodes)
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
+    prefix_queried_blocks: int = 0
+    prefix_hit_blocks: int = 0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_blocks / self.prefix_queried_blocks if self.prefix_queried_blocks else 0.0
+
+
+class EngineCore:
+    def __init__(
+        self,
+        config: EngineConfig,
+        executor,
+        tokenizer: Tokenizer,
+        max_model_len: int,
+        num_blocks: int,
+        model_name: str = "",
+        info: EngineInfo | None = None,
+    ):
+        self.config = config
+        self.executor = executor  # has execute_step(StepBatch) -> StepResult
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.model_name = model_name
+        self.info = info or EngineInfo(model_name, "?", "?", max_model_len, num_blocks, config.cache.block_size, "?")
+        self.kv = KVCacheManager(
+            num_blocks, config.cache.block_size, config.cache.enable_prefix_caching, cache_namespace=model_name
+        )
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.groups: dict[str, list[Request]] = {}  # caller's request id → its samples
+        self.group_of: dict[str, str] = {}  # internal id → caller's id
+        self.index_of: dict[str, int] = {}  # internal id → sample index
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.pending_forks: dict[str, list[Request]] = {}  # first sample's id → samples waiting to share its prompt
+        self.finished_since_step: list[str] = []
+        self.pending_outputs: list[RequestOutput] = []  # aborts, reported by the next step
+        self.stats = EngineStats(num_kv_blocks=num_blocks)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        arrival_s: float | None = None,
+    ) -> None:
+        self.validate(prompt_token_ids, params)
+        if request_id in self.groups:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        arrival = time.monotonic() if arrival_s is None else arrival_s
+        samples = []
+        for i in range(params.n):
+            rid = request_id if params.n == 1 else f"{request_id}#{i}"
+            samples.append(
+                Request(
+                    rid,
+                    list(prompt_token_ids),
+                    params.for_sample(i),
+                    eos_token_ids=self.tokenizer.stop_token_ids,
+                    priority=priority,
+                    cache_salt=cache_salt,
+                    max_total_tokens=self.max_model_len,
+                    arrival_s=arrival,
+                    parent_id=samples[0].request_id if i else None,
+                )
+            )
+            self.group_of[rid], self.index_of[rid] = request_id, i
+            self.detokenizers[rid] = IncrementalDetokenizer(self.tokenizer.backend, samples[-1].params)
+        self.groups[request_id] = samples
+        self.stats.num_prompt_tokens += len(prompt_token_ids) * params.n
+        first = samples[0]
+        if len(samples) > 1:  # the others wait for the first one's prompt, then share its blocks
+            first.num_forks_pending = len(samples) - 1
+            self.pending_forks[first.request_id] = samples[1:]
+        self.scheduler.add(first)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty: give at least one token", param="prompt")
+        self.tokenizer.validate_ids(prompt_token_ids)
+        params.check_vocab(self.tokenizer.vocab_size)
+        n, limit = len(prompt_token_ids), self.max_model_len
+        if n >= limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens, and the prompt has {n} tokens "
+                f"(at least one token must be left to generate).",
+                param="prompt",
+            )
+        if params.max_tokens is not None and n + params.max_tokens > limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} in the completion). "
+                f"Please reduce the prompt or max_tokens.",
+                param="max_tokens",
+            )
+
+    def abort(self, request_id: str) -> None:
+        """End every sample of the request; the final deltas come with the next step."""
+        for request in self.groups.get(request_id, []):
+            if not request.is_finished:
+                self._finish(request, FinishReason.ABORT)
+                self.pending_outputs.append(self._output(request, [], None))
+        self._forget_group(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.groups) or bool(self.pending_outputs)
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self.pending_outputs = self.pending_outputs, []
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            self._update_gauges()
+            return outputs
+        samples = [c.samples for c in sched.chunks]
+        batch = StepBatch(
+            [self._step_request(c, s) for c, s in zip(sched.chunks, samples, strict=True)],
+            finished_request_ids=self.finished_since_step,
+        )
+        self.finished_since_step = []
+        result: StepResult = self.executor.execute_step(batch)
+        k = 0
+        for chunk, sampled in zip(sched.chunks, samples, strict=True):
+            request = chunk.request
+            request.num_computed_tokens += chunk.num_tokens
+            self.stats.num_computed_tokens += chunk.num_tokens
+            self.kv.cache_computed_blocks(request)
+            if sampled:
+                token, logprobs = result.sampled_token_ids[k], result.logprobs[k]
+                k += 1
+                if request.num_forks_pending:
+                    self._fork(request)
+                outputs.append(self._on_token(request, token, logprobs))
+        self.stats.num_steps += 1
+        self._update_gauges()
+        return [o for o in outputs if o is not None]
+
+    def _step_request(self, chunk: ScheduledChunk, samples: bool) -> StepRequest:
+        r = chunk.request
+        start = r.num_computed_tokens
+        spec = None
+        if samples:
+            suppressed = ()
+            if len(r.output_token_ids) < r.params.min_tokens:
+                suppressed = tuple(r.params.stop_token_ids) + (() if r.params.ignore_eos else r.eos_token_ids)
+            spec = SampleSpec(r.params, r.prompt_token_ids, r.output_token_ids, suppressed)
+        return StepRequest(r.request_id, r.tokens(start, start + chunk.num_tokens), start, chunk.block_ids, spec)
+
+    def _on_token(self, request: Request, token: int, logprobs: TokenLogprobs | None) -> RequestOutput | None:
+        if request.is_finished:
+            return None
+        request.output_token_ids.append(token)
+        self.stats.num_generated_tokens += 1
+        if request.first_token_s is None:
+            request.first_token_s = time.monotonic()
+        params = request.params
+        detok = self.detokenizers[request.request_id]
+        num_out = len(request.output_token_ids)
+        if token in params.stop_token_ids or (not params.ignore_eos and token in request.eos_token_ids):
+            self._finish(request, FinishReason.STOP, stop_reason=token if token in params.stop_token_ids else None)
+        elif detok.add_token(token, check_stops=num_out >= params.min_tokens):
+            self._finish(request, FinishReason.STOP, stop_reason=detok.stop_reason)
+        elif num_out >= request.max_output_tokens:
+            self._finish(request, FinishReason.LENGTH)
+        out = self._output(request, [token], [logprobs] if logprobs is not None else None)
+        if request.is_finished:
+            self._maybe_forget_group(request)
+        return out
+
+    def _output(self, request: Request, tokens: list[int], logprobs) -> RequestOutput:
+        detok = self.detokenizers[request.request_id]
+        finished = request.is_finished
+        metrics = None
+        if finished:
+            metrics = RequestMetrics(
+                request.arrival_s,
+                request.first_scheduled_s,
+                request.first_token_s,
+                time.monotonic(),
+                request.num_preemptions,
+            )
+        return RequestOutput(
+            request_id=self.group_of[request.request_id],
+            index=self.index_of[request.request_id],
+            new_token_ids=tokens,
+            new_text=detok.take_delta(finished),
+            finished=finished,
+            finish_reason=request.finish_reason.value if finished else None,
+            stop_reason=request.stop_reason,
+            logprobs=logprobs,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+            num_output_tokens=len(request.output_token_ids),
+            metrics=metrics,
+        )
+
+    def _finish(self, request: Request, reason: FinishReason, stop_reason=None) -> None:
+        if request.status != RequestStatus.FINISHED:
+            self.scheduler.remove(request)
+        request.status, request.finish_reason, request.stop_reason = RequestStatus.FINISHED, reason, stop_reason
+        self.finished_since_step.append(request.request_id)
+        for child in self.pending_forks.pop(request.request_id, []):  # never forked: nobody to share with
+            self.scheduler.add(child)
+
+    def _fork(self, parent: Request) -> None:
+        for child in self.pending_forks.pop(parent.request_id, []):
+            child.num_computed_tokens = self.kv.fork(parent, child)
+            child.num_cached_tokens = child.num_computed_tokens
+            self.scheduler.add(child, front=True)
+        parent.num_forks_pending = 0
+
+    def _maybe_forget_group(self, request: Request) -> None:
+        group_id = self.group_of[request.request_id]
+        if all(r.is_finished for r in self.groups.get(group_id, [])):
+            self._forget_group(group_id)
+
+    def _forget_group(self, group_id: str) -> None:
+        for r in self.groups.pop(group_id, []):
+            self.group_of.pop(r.request_id, None)
+            self.index_of.pop(r.request_id, None)
+            self.detokenizers.pop(r.request_id, None)
+            self.pending_forks.pop(r.request_id, None)
+
+    def _update_gauges(self) -> None:
+        s = self.stats
+        s.num_running, s.num_waiting = self.scheduler.num_running, self.scheduler.num_waiting
+        s.kv_usage = self.kv.usage
+        s.num_preemptions = self.scheduler.num_preemptions
+        s.prefix_queried_blocks = self.kv.stats.num_queried_blocks
+        s.prefix_hit_blocks = self.kv.stats.num_hit_blocks

@@ -1,0 +1,121 @@
+"""Building an engine from a config, and the synchronous offline API:
+
+llm = LLM()                                    # the embedded model
+results = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+
+from ladle.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from ladle.engine.core import EngineCore, EngineInfo
+from ladle.engine.outputs import GenerationResult
+from ladle.sample.params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(config: EngineConfig, loaded=None) -> EngineCore:
+    """Load the model (unless a loaded one is given: engines may share weights), size the KV cache,
+    and wire runner and engine together."""
+    from ladle.model.loader import load_model
+    from ladle.model.source import resolve_model
+    from ladle.runner.memory import num_kv_blocks
+    from ladle.runner.model_runner import KVCache, ModelRunner
+
+    mc = config.model
+    if loaded is None:
+        loaded = load_model(
+            resolve_model(mc.model, mc.served_name), mc.dtype, mc.device, mc.attention_backend, mc.max_model_len
+        )
+    bs = config.cache.block_size
+    max_len = min(loaded.max_model_len, mc.max_model_len or loaded.max_model_len)
+    blocks = num_kv_blocks(
+        KVCache.bytes_per_block(loaded, bs),
+        bs,
+        loaded.device,
+        config.cache.kv_cache_memory_gib,
+        max_len,
+        config.scheduler.max_num_seqs,
+    )
+    runner = ModelRunner(loaded, num_blocks=blocks, block_size=bs, seed=config.seed)
+    log.info("KV cache: %d blocks of %d tokens (%d tokens)", blocks, bs, blocks * bs)
+    info = EngineInfo(
+        model_name=loaded.source.name,
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        device=str(loaded.device),
+        max_model_len=max_len,
+        num_kv_blocks=blocks,
+        block_size=bs,
+        attention_backend=loaded.attention_backend,
+    )
+    return EngineCore(config, runner, loaded.tokenizer, max_len, blocks, loaded.source.name, info)
+
+
+class LLM:
+    """Offline batch generation: all prompts go in at once and are batched continuously."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        kv_cache_memory_gib: float | None = None,
+        enable_prefix_caching: bool = True,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 64,
+        policy: str = "fcfs",
+        seed: int = 0,
+        config: EngineConfig | None = None,
+        loaded=None,
+    ):
+        self.config = config or EngineConfig(
+            model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len),
+            cache=CacheConfig(
+                block_size=block_size,
+                kv_cache_memory_gib=kv_cache_memory_gib,
+                enable_prefix_caching=enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, policy=policy
+            ),
+            seed=seed,
+        )
+        self.engine = build_engine(self.config, loaded)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        priorities: Sequence[int] | None = None,
+    ) -> list[GenerationResult]:
+        """Generate for every prompt (text, or token ids); results come back in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = params if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        results: dict[str, GenerationResult] = {}
+        for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            rid = f"gen-{next(self._ids)}"
+            self.engine.add_request(rid, ids, p, priority=priorities[i] if priorities else 0)
+            results[rid] = GenerationResult(rid, prompt if isinstance(prompt, str) else None, ids)
+        while self.engine.has_unfinished():
+            for delta in self.engine.step():
+                results[delta.request_id].add(delta)
+        return list(results.values())
+
+    def chat(self, conversations, params: SamplingParams | None = None) -> list[GenerationResult]:
+        """Generate replies to conversations (lists of {"role", "content"} messages)."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self.generate([self.tokenizer.encode_chat(c) for c in conversations], params)

@@ -1,0 +1,78 @@
+"""A request's life in the engine: its tokens, how many are in the KV cache, and why it ended."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from ladle.sample.params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued: not started, or preempted and waiting to be recomputed
+    RUNNING = "running"  # holds KV blocks and is scheduled every step
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # a stop token or stop string
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"  # the client went away, the server drains, or the request was cancelled
+
+
+@dataclass
+class Request:
+    request_id: str  # unique while the request lives
+    prompt_token_ids: list[int]  # the prompt, tokenized
+    params: SamplingParams  # one sample's parameters (n == 1)
+    eos_token_ids: tuple[int, ...] = ()  # the model's stop ids, honoured unless params.ignore_eos
+    priority: int = 0  # lower is served first under the priority policy
+    cache_salt: str | None = None  # isolates prefix-cache entries (per tenant)
+    max_total_tokens: int = 0  # prompt + output may not exceed this (the context length)
+    arrival_s: float = field(default_factory=time.monotonic)  # when it entered the engine
+    output_token_ids: list[int] = field(default_factory=list)  # generated so far
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first schedule (-1: not yet)
+    num_preemptions: int = 0  # times its blocks were taken back
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or token that ended it
+    first_scheduled_s: float | None = None  # when it first got compute (queue time ends)
+    first_token_s: float | None = None  # when its first output token was sampled
+    parent_id: str | None = None  # for the 2nd..nth sample of an n > 1 request: the first sample
+    num_forks_pending: int = 0  # samples waiting to share this request's prompt blocks
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def token_at(self, index: int) -> int:
+        p = len(self.prompt_token_ids)
+        return self.prompt_token_ids[index] if index < p else self.output_token_ids[index - p]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p : end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    @property
+    def max_output_tokens(self) -> int:
+        """Output tokens allowed: max_tokens, cut to what fits in the context."""
+        room = self.max_total_tokens - len(self.prompt_token_ids)
+        return room if self.params.max_tokens is None else min(self.params.max_tokens, room)

@@ -1,0 +1,176 @@
+"""Continuous batching: every step, decide which requests compute how many tokens.
+
+Each step has a token budget (`max_num_batched_tokens`) and a cap on running requests
+(`max_num_seqs`). Running requests come first, decodes before prefill chunks, so a long prompt
+never freezes the streams of others; then waiting requests are admitted while budget, sequence
+slots and KV blocks last, a prompt that does not fit in the budget computing in chunks over
+several steps. When the KV cache runs out, the lowest-priority (under FCFS: the newest) running
+request is preempted: its blocks are freed and it goes back to the queue to be recomputed later.
+
+The output of a step is, per request, the number of tokens to compute: prefill, chunked prefill
+and decode look the same.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ladle.config import SchedulerConfig
+from ladle.engine.kv_manager import CachedPrefix, KVCacheManager
+from ladle.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request  # who computes
+    num_tokens: int  # how many of its tokens, from request.num_computed_tokens on
+    block_ids: list[int]  # its block table after allocation
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the request's last known token, so the step samples its next one."""
+        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)  # in scheduling order
+    preempted: list[Request] = field(default_factory=list)  # lost their blocks this step
+    num_batched_tokens: int = 0  # sum of chunk sizes
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # -- queue ---------------------------------------------------------------------------------
+
+    def add(self, request: Request, front: bool = False) -> None:
+        request.status = RequestStatus.WAITING
+        if front:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Take a request out of the queues (finished or aborted) and free its blocks."""
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.forget(request)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, ScheduledChunk] = {}
+        # running requests: decodes first, then the prefills under way
+        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        for request in decodes + prefills:
+            if request.status != RequestStatus.RUNNING or budget <= 0:
+                continue  # preempted earlier in this loop, or out of budget
+            num = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, num, scheduled, out):
+                continue
+            budget -= num
+            scheduled[request.request_id] = ScheduledChunk(request, num, self.kv.block_ids(request.request_id))
+        if not out.preempted:  # memory is short: admit nobody new this step
+            budget = self._admit_waiting(budget, scheduled, out)
+        out.chunks = list(scheduled.values())
+        out.num_batched_tokens = sum(c.num_tokens for c in out.chunks)
+        return out
+
+    def _allocate_or_preempt(self, request, num, scheduled, out) -> bool:
+        """Allocate blocks for `num` more tokens, preempting others until it fits. False when the
+        request itself had to give way."""
+        while not self.kv.allocate(request, num):
+            victim = self._pick_victim()
+            self._preempt(victim, scheduled, out)
+            if victim is request:
+                return False
+        return True
+
+    def _pick_victim(self) -> Request:
+        if self.config.policy == "priority":
+            return max(self.running, key=lambda r: (r.priority, r.arrival_s))
+        return self.running[-1]  # FCFS: the newest
+
+    def _preempt(self, victim: Request, scheduled: dict[str, ScheduledChunk], out: SchedulerOutput) -> None:
+        self.running.remove(victim)
+        scheduled.pop(victim.request_id, None)
+        self.kv.free(victim)
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        out.preempted.append(victim)
+        self.add(victim, front=True)
+
+    def _waiting_in_order(self) -> list[Request]:
+        if self.config.policy == "priority":
+            return sorted(self.waiting, key=lambda r: (r.priority, r.arrival_s))
+        return list(self.waiting)
+
+    def _admit_waiting(self, budget: int, scheduled: dict[str, ScheduledChunk], out: SchedulerOutput) -> int:
+        for request in self._waiting_in_order():
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if request.status != RequestStatus.WAITING:
+                continue  # preempted into the queue during this loop
+            holds_blocks = bool(self.kv.tables.get(request.request_id))  # a fork of a running prompt
+            prefix = None if holds_blocks else self.kv.find_cached_prefix(request)
+            if prefix is not None and self.kv.is_prefix_in_flight(request, prefix):
+                continue  # its next blocks are being computed by another request: reuse them soon
+            computed = request.num_computed_tokens if holds_blocks else prefix.num_tokens
+            num = request.num_tokens - computed
+            if num > budget and not self.config.enable_chunked_prefill:
+                break
+            num = min(num, budget)
+            if not self._allocate_for_admission(request, num, prefix, scheduled, out):
+                break  # no memory: later arrivals may not overtake it
+            self.waiting.remove(request)
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = computed
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = computed
+            if request.first_scheduled_s is None:
+                request.first_scheduled_s = time.monotonic()
+            self.running.append(request)
+            budget -= num
+            scheduled[request.request_id] = ScheduledChunk(request, num, self.kv.block_ids(request.request_id))
+        return budget
+
+    def _allocate_for_admission(self, request, num, prefix: CachedPrefix | None, scheduled, out) -> bool:
+        """Blocks for a newcomer. Under the priority policy it may preempt running requests of a
+        lower priority (a higher value); under FCFS it waits for blocks to free up."""
+        while not self.kv.allocate(request, num, prefix):
+            if self.config.policy != "priority" or not self.running:
+                return False
+            victim = self._pick_victim()
+            if (victim.priority, victim.arrival_s) <= (request.priority, request.arrival_s):
+                return False
+            self._preempt(victim, scheduled, out)
+        return True

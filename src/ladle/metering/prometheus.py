@@ -1,0 +1,200 @@
+"""Prometheus export: per-request latency histograms and token counters, and the engine's own
+counters and gauges read at scrape time. One registry per server, so two servers (or tests) in
+one process never share metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+# Buckets wide enough for a 2-core CPU (seconds per token) and a GPU (milliseconds).
+TTFT_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+)
+TOKEN_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+REQUEST_BUCKETS = (
+    0.05,
+    0.1,
+    0.3,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+)
+
+
+class EngineCollector:
+    """Reads the engine's EngineStats when Prometheus scrapes."""
+
+    def __init__(self, model_name: str, stats: Callable[[], object], block_size: int):
+        self.model_name = model_name
+        self.stats = stats
+        self.block_size = block_size
+
+    def collect(self):
+        s = self.stats()
+        if s is None:
+            return
+        label = [self.model_name]
+        for name, doc, value in (
+            ("ladle_num_requests_running", "Requests computing now.", s.num_running),
+            ("ladle_num_requests_waiting", "Requests queued (preempted ones included).", s.num_waiting),
+            ("ladle_kv_cache_usage_perc", "Share of KV-cache blocks held by requests (0..1).", s.kv_usage),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric(label, value)
+            yield g
+        for name, doc, value in (
+            ("ladle_num_preemptions", "Requests preempted (blocks freed, recomputed later).", s.num_preemptions),
+            (
+                "ladle_prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                s.prefix_queried_blocks * self.block_size,
+            ),
+            (
+                "ladle_prefix_cache_hits",
+                "Prompt tokens found in the prefix cache.",
+                s.prefix_hit_blocks * self.block_size,
+            ),
+            (
+                "ladle_computed_tokens",
+                "Tokens run through the model (prompts, recomputation, decodes).",
+                s.num_computed_tokens,
+            ),
+        ):
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric(label, value)
+            yield c
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ["model_name"]
+        r = self.registry
+        self.ttft = Histogram(
+            "ladle_time_to_first_token_seconds",
+            "Time from arrival to the first token.",
+            labels,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "ladle_time_per_output_token_seconds",
+            "Mean time per output token after the first.",
+            labels,
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "ladle_inter_token_latency_seconds",
+            "Time between two streamed deltas of a request.",
+            labels,
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "ladle_e2e_request_latency_seconds",
+            "Time from arrival to the last token.",
+            labels,
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "ladle_request_queue_time_seconds",
+            "Time from arrival to the first computation.",
+            labels,
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("ladle_prompt_tokens", "Prompt tokens of finished requests.", labels, registry=r)
+        self.cached_tokens = Counter(
+            "ladle_prompt_cached_tokens", "Prompt tokens served from the prefix cache.", labels, registry=r
+        )
+        self.generation_tokens = Counter("ladle_generation_tokens", "Tokens generated.", labels, registry=r)
+        self.finished = Counter(
+            "ladle_request_success", "Finished requests by finish reason.", labels + ["finished_reason"], registry=r
+        )
+        self.http = Counter(
+            "ladle_http_requests", "HTTP responses by route and status.", labels + ["route", "status"], registry=r
+        )
+
+    def attach_engine(self, stats: Callable[[], object], block_size: int) -> None:
+        self.registry.register(EngineCollector(self.model_name, stats, block_size))
+
+    def observe_sample(self, metrics, num_output_tokens: int, finish_reason: str) -> None:
+        """One finished sample (RequestMetrics from the engine's final delta)."""
+        m = self.model_name
+        if metrics is not None:
+            if metrics.first_scheduled_s is not None:
+                self.queue.labels(m).observe(metrics.first_scheduled_s - metrics.arrival_s)
+            if metrics.first_token_s is not None:
+                self.ttft.labels(m).observe(metrics.first_token_s - metrics.arrival_s)
+                if num_output_tokens > 1:
+                    self.tpot.labels(m).observe((metrics.finished_s - metrics.first_token_s) / (num_output_tokens - 1))
+            self.e2e.labels(m).observe(metrics.finished_s - metrics.arrival_s)
+        self.finished.labels(m, finish_reason).inc()
+
+    def observe_usage(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> None:
+        m = self.model_name
+        self.prompt_tokens.labels(m).inc(prompt_tokens)
+        self.cached_tokens.labels(m).inc(cached_tokens)
+        self.generation_tokens.labels(m).inc(completion_tokens)
+
+    def observe_http(self, route: str, status: int) -> None:
+        self.http.labels(self.model_name, route, str(status)).inc()

@@ -1,0 +1,345 @@
+// Ladle's CPU kernels. First: decode attention over a paged KV cache.
+//
+// One query token per request. K and V are read where they lie in the cache, block by block
+// through the request's block table: no gathered copy. Work is split over (request, KV head)
+// pairs; the query heads that share a KV head (grouped-query attention) are served by one pass
+// over its keys and values.
+//
+// Shapes:
+//   q            [B, Hq, D]            float32 / bfloat16 / float16
+//   k_cache      [Hkv, NB, BS, D]      same dtype as q
+//   v_cache      [Hkv, NB, BS, D]
+//   block_tables [B, max_blocks]       int64
+//   context_lens [B]                   int64 (tokens to attend to, the new one included)
+//   returns      [B, Hq, D]            same dtype as q
+//
+// The float32 path with D = 64 or 128 uses 8-wide vectors (GCC/Clang vector extensions, so
+// it compiles for any target): four keys at a time, so that four independent accumulator chains
+// hide the latency of the fused multiply-adds. Other cases take the scalar path.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+
+inline v8 load8(const float* p) {
+  v8 r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+inline void store8(float* p, v8 x) { std::memcpy(p, &x, sizeof(x)); }
+inline float hsum(v8 x) {
+  const v8 a = x + __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3);
+  const v8 b = a + __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5);
+  const v8 c = b + __builtin_shufflevector(b, b, 1, 0, 3, 2, 5, 4, 7, 6);
+  return c[0];
+}
+
+template <typename T>
+inline float to_float(T x) { return static_cast<float>(x); }
+
+// e^x with a relative error below 2e-7 (Cody-Waite reduction, Cephes' polynomial), written so
+// that `omp simd` loops vectorize it: libm's expf is a scalar call.
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.f), 88.f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+// softmax over len scores in place; scores are already scaled
+inline void softmax_inplace(float* s, int64_t len) {
+  float m = -std::numeric_limits<float>::max();
+  for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t]);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < len; ++t) {
+    s[t] = fast_exp(s[t] - m);
+    sum += s[t];
+  }
+  const float inv = 1.f / sum;
+#pragma omp simd
+  for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+}
+
+// ---- generic path (any dtype, any head size) -------------------------------------------------
+
+template <typename T>
+void decode_item_generic(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t len,
+                         T* out, int64_t G, int64_t NB, int64_t BS, int64_t D, int64_t h, float scale,
+                         std::vector<float>& qf, std::vector<float>& acc, std::vector<float>& scores) {
+  for (int64_t i = 0; i < G * D; ++i) qf[i] = to_float(q[i]) * scale;
+  scores.resize(G * len);
+  for (int64_t t = 0; t < len; ++t) {
+    const T* k = k_cache + ((h * NB + table[t / BS]) * BS + t % BS) * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = qf.data() + g * D;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < D; ++d) s += qg[d] * to_float(k[d]);
+      scores[g * len + t] = s;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) softmax_inplace(scores.data() + g * len, len);
+  std::fill(acc.begin(), acc.end(), 0.f);
+  for (int64_t t = 0; t < len; ++t) {
+    const T* v = v_cache + ((h * NB + table[t / BS]) * BS + t % BS) * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = scores[g * len + t];
+      float* ag = acc.data() + g * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) ag[d] += p * to_float(v[d]);
+    }
+  }
+  for (int64_t i = 0; i < G * D; ++i) out[i] = static_cast<T>(acc[i]);
+}
+
+// ---- float32, head size 64 or 128 (W = D / 8 vectors a row, known at compile time) ---------------
+
+template <int W>
+void decode_item_f32(const float* q, const float* k_cache, const float* v_cache, const int64_t* table, int64_t len,
+                     float* out, int64_t G, int64_t NB, int64_t BS, int64_t h, float scale,
+                     std::vector<float>& qf, std::vector<float>& acc, std::vector<float>& scores) {
+  constexpr int64_t D = 8 * W;
+  for (int64_t i = 0; i < G * D; ++i) qf[i] = q[i] * scale;
+  scores.resize(G * len);
+  // scores: for each query head, four keys at a time
+  for (int64_t start = 0; start < len; start += BS) {
+    const int64_t n = std::min(BS, len - start);
+    const float* kb = k_cache + (h * NB + table[start / BS]) * BS * D;  // this block's keys, [BS, D]
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = qf.data() + g * D;
+      float* sg = scores.data() + g * len + start;
+      int64_t t = 0;
+      for (; t + 4 <= n; t += 4) {
+        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        const float* k0 = kb + t * D;
+#pragma GCC unroll 16
+        for (int w = 0; w < W; ++w) {
+          const v8 qv = load8(qg + 8 * w);
+          a0 += qv * load8(k0 + 8 * w);
+          a1 += qv * load8(k0 + D + 8 * w);
+          a2 += qv * load8(k0 + 2 * D + 8 * w);
+          a3 += qv * load8(k0 + 3 * D + 8 * w);
+        }
+        sg[t] = hsum(a0);
+        sg[t + 1] = hsum(a1);
+        sg[t + 2] = hsum(a2);
+        sg[t + 3] = hsum(a3);
+      }
+      for (; t < n; ++t) {
+        v8 a = {0};
+#pragma GCC unroll 16
+        for (int w = 0; w < W; ++w) a += load8(qg + 8 * w) * load8(kb + t * D + 8 * w);
+        sg[t] = hsum(a);
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) softmax_inplace(scores.data() + g * len, len);
+  // out: per query head, the weighted sum of values, the accumulator held across a block
+  std::fill(acc.begin(), acc.end(), 0.f);
+  for (int64_t start = 0; start < len; start += BS) {
+    const int64_t n = std::min(BS, len - start);
+    const float* vb = v_cache + (h * NB + table[start / BS]) * BS * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* pg = scores.data() + g * len + start;
+      float* ag = acc.data() + g * D;
+      for (int w0 = 0; w0 < W; w0 += 8) {  // eight vectors of the row stay in registers over the block
+        v8 r[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) r[j] = load8(ag + 8 * (w0 + j));
+        for (int64_t t = 0; t < n; ++t) {
+          const v8 p = {pg[t], pg[t], pg[t], pg[t], pg[t], pg[t], pg[t], pg[t]};
+          const float* vr = vb + t * D + 8 * w0;
+#pragma GCC unroll 8
+          for (int j = 0; j < 8; ++j) r[j] += p * load8(vr + 8 * j);
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) store8(ag + 8 * (w0 + j), r[j]);
+      }
+    }
+  }
+  std::memcpy(out, acc.data(), sizeof(float) * G * D);
+}
+
+template <typename T>
+void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
+                   const int64_t* context_lens, T* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t NB,
+                   int64_t BS, int64_t D, int64_t max_blocks, float scale) {
+  const int64_t G = Hq / Hkv;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), acc(G * D), scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / Hkv, h = item % Hkv;
+      const int64_t offset = (b * Hq + h * G) * D;  // this KV head's query heads, contiguous
+      const int64_t* table = block_tables + b * max_blocks;
+      if constexpr (std::is_same_v<T, float>) {
+        if (D == 64 || D == 128) {
+          auto item_fn = D == 64 ? decode_item_f32<8> : decode_item_f32<16>;
+          item_fn(q + offset, k_cache, v_cache, table, context_lens[b], out + offset, G, NB, BS, h, scale, qf, acc,
+                  scores);
+          continue;
+        }
+      }
+      decode_item_generic<T>(q + offset, k_cache, v_cache, table, context_lens[b], out + offset, G, NB, BS, D, h,
+                             scale, qf, acc, scores);
+    }
+  });
+}
+
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q must be [B, Hq, D] and the cache [Hkv, NB, BS, D]");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous tensors only");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
+              "block tables and context lengths must be int64");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+              "q and the cache must have one dtype");
+  auto tables = block_tables.contiguous();
+  auto lens = context_lens.contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = k_cache.size(0), NB = k_cache.size(1), BS = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && Hq % Hkv == 0, "head shapes do not match");
+  auto out = torch::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
+    decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                            tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, Hq,
+                            Hkv, NB, BS, D, tables.size(1), static_cast<float>(scale));
+  });
+  return out;
+}
+
+// ---- fused elementwise ops of a decoder layer ----------------------------------------------------
+//
+// Each replaces several PyTorch ops (and their passes over memory) by one pass per row, rows split
+// over threads. All math in float32 whatever the storage dtype, as the reference does.
+
+template <typename T>
+void rms_row(const T* x, const T* w, T* out, int64_t H, float eps) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < H; ++i) {
+    const float v = to_float(x[i]);
+    ss += v * v;
+  }
+  const float inv = 1.f / std::sqrt(ss / H + eps);
+  for (int64_t i = 0; i < H; ++i) out[i] = static_cast<T>(to_float(w[i]) * static_cast<float>(static_cast<T>(to_float(x[i]) * inv)));
+}
+
+// out = rms_norm(x) * w
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.dim() == 2, "rms_norm takes a contiguous [T, H] tensor");
+  auto out = torch::empty_like(x);
+  const int64_t T = x.size(0), H = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) rms_row<scalar_t>(xp + t * H, wp, op + t * H, H, static_cast<float>(eps));
+    });
+  });
+  return out;
+}
+
+// residual += x (in place); returns rms_norm(residual) * w
+torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && x.sizes() == residual.sizes(),
+              "add_rms_norm takes two contiguous tensors of one shape");
+  auto out = torch::empty_like(x);
+  const int64_t T = x.size(0), H = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* rp = residual.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        scalar_t* r = rp + t * H;
+        const scalar_t* xr = xp + t * H;
+        for (int64_t i = 0; i < H; ++i) r[i] = static_cast<scalar_t>(to_float(r[i]) + to_float(xr[i]));
+        rms_row<scalar_t>(r, wp, op + t * H, H, static_cast<float>(eps));
+      }
+    });
+  });
+  return out;
+}
+
+// Rotate q and k in place (rotate-half layout) inside the fused qkv projection output [T, Q + 2 KV].
+void rotary_inplace(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos_sin, int64_t num_heads,
+                    int64_t num_kv_heads, int64_t head_dim) {
+  TORCH_CHECK(qkv.is_contiguous() && cos_sin.is_contiguous() && cos_sin.scalar_type() == at::kFloat,
+              "rotary takes the contiguous qkv output and a float32 cos/sin table");
+  auto pos = positions.contiguous();
+  const int64_t T = qkv.size(0), row = qkv.size(1), half = head_dim / 2;
+  const int64_t rotated_heads = num_heads + num_kv_heads;  // q heads then k heads, adjacent in the row
+  TORCH_CHECK(row >= rotated_heads * head_dim, "qkv row too short");
+  const float* table = cos_sin.data_ptr<float>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rotary", [&] {
+    scalar_t* base = qkv.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const float* cs = table + pp[t] * head_dim;  // [cos (half) | sin (half)]
+        for (int64_t h = 0; h < rotated_heads; ++h) {
+          scalar_t* x = base + t * row + h * head_dim;
+          for (int64_t i = 0; i < half; ++i) {
+            const float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
+            const float c = cs[i], s = cs[half + i];
+            x[i] = static_cast<scalar_t>(x1 * c - x2 * s);
+            x[i + half] = static_cast<scalar_t>(x2 * c + x1 * s);
+          }
+        }
+      }
+    });
+  });
+}
+
+// silu(gate) * up for the fused [T, 2I] gate/up projection output
+torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.is_contiguous() && gate_up.dim() == 2, "silu_and_mul takes a contiguous [T, 2I] tensor");
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
+  auto out = torch::empty({T, I}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_and_mul", [&] {
+    const scalar_t* g = gate_up.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 8, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const scalar_t* gr = g + t * 2 * I;
+        scalar_t* orow = o + t * I;
+        _Pragma("omp simd")  // a #pragma cannot stand inside the dispatch macro's argument
+        for (int64_t i = 0; i < I; ++i) {
+          const float a = to_float(gr[i]);
+          orow[i] = static_cast<scalar_t>(static_cast<float>(static_cast<scalar_t>(a / (1.f + fast_exp(-a)))) *
+                                          to_float(gr[I + i]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache (CPU)");
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row");
+  m.def("add_rms_norm", &add_rms_norm, "residual += x in place, then RMSNorm of residual");
+  m.def("rotary_inplace", &rotary_inplace, "rotate q and k of the fused qkv output in place");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+}

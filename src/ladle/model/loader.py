@@ -1,0 +1,108 @@
+"""Load a model (weights, spec, tokenizer) from any source, in the dtype and on the device asked."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ladle.errors import LadleError, ModelLoadError
+from ladle.model.attention import resolve_backend_name
+from ladle.model.gguf_loader import GGUFFile
+from ladle.model.hf_loader import HFFolder
+from ladle.model.registry import MODEL_CLASSES
+from ladle.model.source import ModelSource
+from ladle.model.spec import TransformerSpec
+from ladle.model.tokenizer import Tokenizer
+from ladle.platform import resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource  # where it came from and the name it is served under
+    spec: TransformerSpec  # its shape
+    tokenizer: Tokenizer  # text ↔ ids, chat template, stop tokens
+    model: nn.Module  # a LlamaForCausalLM (or subclass), in eval mode
+    dtype: torch.dtype  # dtype of the weights and the KV cache
+    device: torch.device  # where the weights live
+    max_model_len: int  # longest request (prompt + output) the model serves
+    attention_backend: str = "sdpa"  # the attention implementation in use
+
+
+def open_model_files(source: ModelSource) -> HFFolder | GGUFFile:
+    return GGUFFile(source.path) if source.format == "gguf" else HFFolder(source.path)
+
+
+def load_tokenizer(source: ModelSource) -> Tokenizer:
+    files = open_model_files(source)
+    return files.tokenizer(files.spec().eos_token_ids)
+
+
+def load_model(
+    source: ModelSource,
+    dtype: str = "auto",
+    device: str = "auto",
+    attention_backend: str = "auto",
+    max_model_len: int | None = None,
+) -> LoadedModel:
+    started = time.perf_counter()
+    files = open_model_files(source)
+    spec = files.spec()
+    tokenizer = files.tokenizer(spec.eos_token_ids)
+    if tokenizer.vocab_size > spec.vocab_size and tokenizer.vocab_size - spec.vocab_size > 1024:
+        raise ModelLoadError(
+            source.path, f"tokenizer has {tokenizer.vocab_size} tokens, the model only {spec.vocab_size} embeddings"
+        )
+    device_name = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device_name)
+    if max_model_len is not None and max_model_len > spec.max_position_embeddings:
+        raise LadleError(
+            f"--max-model-len {max_model_len} exceeds the model's context length {spec.max_position_embeddings}"
+        )
+    max_len = max_model_len or spec.max_position_embeddings
+    backend = resolve_backend_name(attention_backend, torch.device(device_name).type)
+    model = _build(spec, backend, max_len, torch_dtype, torch.device(device_name))
+    loaded = model.load_weights(_as_torch(files.weights(spec)))
+    missing = sorted(model.expected_checkpoint_names() - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelLoadError(source.path, f"checkpoint lacks tensors the model needs: {shown}")
+    if isinstance(files, GGUFFile) and (factors := files.rope_frequency_factors()) is not None:
+        model.model.rotary.set_frequency_factors(torch.from_numpy(factors))
+    log.info(
+        "loaded %s (%s, %s layers) as %s on %s with %s attention in %.1fs",
+        source.name,
+        spec.architecture,
+        spec.num_layers,
+        str(torch_dtype).removeprefix("torch."),
+        device_name,
+        backend,
+        time.perf_counter() - started,
+    )
+    return LoadedModel(source, spec, tokenizer, model.eval(), torch_dtype, torch.device(device_name), max_len, backend)
+
+
+def _build(spec: TransformerSpec, backend: str, max_len: int, dtype: torch.dtype, device: torch.device):
+    cls = MODEL_CLASSES[spec.architecture]
+    with torch.device("meta"):  # no random initialisation: every parameter is loaded next
+        model = cls(spec, attention_backend=backend, max_positions=max_len)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.to(dtype)
+    model.requires_grad_(False)
+    # buffers are not in checkpoints: rebuild them on the real device, in float32
+    rotary = model.model.rotary
+    rebuilt = type(rotary)(spec, max_len).to(device)
+    rotary.inv_freq, rotary.cos_sin = rebuilt.inv_freq, rebuilt.cos_sin
+    return model
+
+
+def _as_torch(weights):
+    for name, w in weights:
+        yield name, torch.from_numpy(w) if isinstance(w, np.ndarray) else w

@@ -1,0 +1,165 @@
+"""The ASGI application: routes, and the middleware every request passes (request id, body size
+limit, API key, status metrics). Bad input ends in an OpenAI-style 4xx; only bugs give a 500."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import uuid
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ladle.server import openai_api
+from ladle.server.errors import APIError, BodyTooLarge, ClientDisconnected
+from ladle.server.state import Phase, ServerState
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = b"x-request-id"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+PUBLIC_PATHS = {"/health", "/ready", "/metrics"}  # no API key needed
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    state: ServerState = request.app.state.ladle
+    if state.phase == Phase.READY:
+        return JSONResponse({"status": "ready", "model": state.model_name})
+    body = {"status": state.phase.value}
+    if state.failure:
+        body["error"] = state.failure
+    return JSONResponse(body, status_code=503)
+
+
+async def metrics(request: Request) -> Response:
+    state: ServerState = request.app.state.ladle
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+ROUTES = [
+    Route("/health", health, methods=["GET"]),
+    Route("/ready", ready, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+    Route("/v1/models", openai_api.list_models, methods=["GET"]),
+    Route("/v1/completions", openai_api.completions, methods=["POST"]),
+    Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
+    Route("/tokenize", openai_api.tokenize, methods=["POST"]),
+    Route("/detokenize", openai_api.detokenize, methods=["POST"]),
+]
+ROUTE_PATHS = {r.path for r in ROUTES}
+
+
+async def _api_error(request: Request, exc: APIError) -> Response:
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    messages = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed here"}
+    return APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail))).response()
+
+
+async def _too_large(request: Request, exc: BodyTooLarge) -> Response:
+    limit = request.app.state.ladle.config.server.max_request_bytes
+    return APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large").response()
+
+
+async def _disconnected(request: Request, exc: Exception) -> Response:
+    return Response(status_code=499)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path)
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+
+
+class LadleMiddleware:
+    """Pure ASGI (no buffering of streamed responses): request id in and out, the body size limit,
+    API keys, and a status counter per route."""
+
+    def __init__(self, app, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or ())
+        incoming = headers.get(REQUEST_ID_HEADER, b"").decode("latin-1")
+        request_id = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        path = scope.get("path", "")
+        route = path if path in ROUTE_PATHS else "other"
+        status_box = [0]
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status_box[0] = message["status"]
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, request_id.encode())]
+            await send(message)
+
+        try:
+            early = self._reject_early(scope, headers, path)
+            if early is not None:
+                return await early(scope, receive, send_with_id)
+            await self.app(scope, self._limited(receive, headers), send_with_id)
+        finally:
+            self.state.metrics.observe_http(route, status_box[0] or 499)
+
+    def _reject_early(self, scope, headers, path) -> Response | None:
+        cfg = self.state.config.server
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > cfg.max_request_bytes:
+            return APIError(
+                413, f"the request body is larger than {cfg.max_request_bytes} bytes", code="request_too_large"
+            ).response()
+        if cfg.api_keys and path not in PUBLIC_PATHS:
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            token = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not any(hmac.compare_digest(token, key) for key in cfg.api_keys):
+                what = "no API key was given" if not token else "the API key is not valid"
+                return APIError(
+                    401,
+                    f"Incorrect API key provided: {what}. Send it as 'Authorization: Bearer KEY'.",
+                    code="invalid_api_key",
+                ).response()
+        return None
+
+    def _limited(self, receive, headers):
+        limit = self.state.config.server.max_request_bytes
+        seen = [0]
+
+        async def limited_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > limit:
+                    raise BodyTooLarge
+            return message
+
+        return limited_receive
+
+
+def build_app(state: ServerState, lifespan=None) -> Starlette:
+    app = Starlette(
+        routes=ROUTES,
+        exception_handlers={
+            APIError: _api_error,
+            HTTPException: _http_error,
+            BodyTooLarge: _too_large,
+            ClientDisconnected: _disconnected,
+            Exception: _server_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.ladle = state
+    app.add_middleware(LadleMiddleware, state=state)
+    return app

@@ -1,0 +1,74 @@
+"""OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}` with the right status."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+
+from ladle.errors import InvalidRequestError, LadleError
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "requests",
+    500: "server_error",
+    503: "service_unavailable",
+}
+
+
+class BodyTooLarge(Exception):
+    """The request body grew past --max-request-bytes while being read."""
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the response was ready."""
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": _TYPES.get(self.status, "invalid_request_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def from_validation_error(e: ValidationError) -> APIError:
+    """The first problem pydantic found, named by its field path (`messages.0.role`)."""
+    err = e.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith("function-")]
+    param = ".".join(loc) or None
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "missing":
+        msg = "field required"
+    return APIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
+
+
+def from_ladle_error(e: LadleError) -> APIError:
+    param = e.param if isinstance(e, InvalidRequestError) else None
+    code = "context_length_exceeded" if "context length" in str(e) else "invalid_value"
+    return APIError(400, str(e), param=param, code=code)

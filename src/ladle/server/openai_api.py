@@ -1,0 +1,488 @@
+"""OpenAI-compatible endpoints: completions, chat completions, models, tokenize, detokenize.
+
+Handlers stay thin: validate, turn the request into engine jobs, stream or collect the deltas,
+format. A client that goes away (streaming or not) cancels its jobs, which aborts them in the
+engine and frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ladle.engine.outputs import RequestOutput
+from ladle.errors import InvalidRequestError, LadleError
+from ladle.sample.params import SamplingParams
+from ladle.server.errors import APIError, ClientDisconnected, from_ladle_error, from_validation_error
+from ladle.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from ladle.server.state import ServerState
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.ladle
+
+
+async def parse_body(request: Request, model: type[BaseModel]):
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+
+
+# -- jobs: one engine request per prompt ------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    engine_id: str  # unique in the engine
+    prompt_ids: list[int]
+    params: SamplingParams
+    priority: int
+    cache_salt: str | None
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+class Generation:
+    """The engine jobs of one HTTP request, merged into one stream of (choice index, delta)."""
+
+    def __init__(self, state: ServerState, jobs: list[Job], n: int):
+        self.state = state
+        self.jobs = jobs
+        self.n = n
+        self.usage = Usage(prompt_tokens=sum(len(j.prompt_ids) for j in jobs))
+        self._cached: dict[int, int] = {}
+
+    async def deltas(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        if len(self.jobs) == 1:
+            async for out in self._job(0):
+                yield out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int):
+            try:
+                async for item in self._job(i):
+                    await queue.put(item)
+            except BaseException as e:  # an engine error reaches the response
+                await queue.put(e)
+            finally:
+                await queue.put(done)
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.jobs))]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _job(self, i: int):
+        job = self.jobs[i]
+        engine = self.state.engine
+        last = time.monotonic()
+        num_finished = 0
+        try:
+            async for out in engine.generate(job.engine_id, job.prompt_ids, job.params, job.priority, job.cache_salt):
+                now = time.monotonic()
+                if out.new_token_ids and out.num_output_tokens > len(out.new_token_ids):
+                    self.state.metrics.itl.labels(self.state.model_name).observe(now - last)
+                last = now
+                self.usage.completion_tokens += len(out.new_token_ids)
+                if out.index == 0:
+                    self._cached[i] = out.num_cached_tokens
+                if out.finished:
+                    num_finished += 1
+                    self.state.metrics.observe_sample(out.metrics, out.num_output_tokens, out.finish_reason)
+                yield i * self.n + out.index, out
+        finally:
+            for _ in range(job.params.n - num_finished):  # the client left: its samples were aborted
+                self.state.metrics.observe_sample(None, 0, "abort")
+
+    def finish(self) -> None:
+        self.usage.cached_tokens = sum(self._cached.values())
+        u = self.usage
+        self.state.metrics.observe_usage(u.prompt_tokens, u.cached_tokens, u.completion_tokens)
+
+
+async def _until_disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def collect(request: Request, gen: Generation, num_choices: int) -> list[Choice]:
+    """Run to the end, or until the client disconnects (then the jobs are aborted)."""
+    choices = [Choice(i) for i in range(num_choices)]
+
+    async def run():
+        async for index, out in gen.deltas():
+            _apply(choices[index], out)
+
+    task = asyncio.create_task(run())
+    watcher = asyncio.create_task(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gen.finish()
+        if not task.done():
+            task.cancel()  # the client left: cancelling the jobs aborts them in the engine
+        watcher.cancel()
+    if task.cancelled() or not task.done():
+        raise ClientDisconnected
+    task.result()
+    return choices
+
+
+def _apply(choice: Choice, out: RequestOutput) -> None:
+    choice.text += out.new_text
+    choice.token_ids.extend(out.new_token_ids)
+    if out.logprobs:
+        choice.logprobs.extend(zip(out.new_token_ids, out.logprobs, strict=True))
+    if out.finished:
+        choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
+
+
+def _jobs(state: ServerState, prompts: list[list[int]], params: SamplingParams, body) -> list[Job]:
+    jobs = []
+    for ids in prompts:
+        job = Job(f"{uuid.uuid4().hex}", ids, params, body.priority, body.cache_salt)
+        try:
+            state.engine.validate(ids, params)
+        except LadleError as e:
+            raise from_ladle_error(e) from None
+        jobs.append(job)
+    return jobs
+
+
+def _sampling(body, max_tokens, logprobs) -> SamplingParams:
+    try:
+        return body.sampling_params(max_tokens, logprobs)
+    except LadleError as e:
+        raise from_ladle_error(e) from None
+
+
+def _prepare(request: Request, body) -> ServerState:
+    state = _state(request)
+    state.check_serving()
+    state.check_model(body.model)
+    problem = body.unsupported()
+    if problem:
+        param, message = problem
+        raise APIError(400, message, param=param, code="unsupported")
+    return state
+
+
+# -- /v1/completions ------------------------------------------------------------------------------
+
+
+async def completions(request: Request) -> Response:
+    body: CompletionRequest = await parse_body(request, CompletionRequest)
+    state = _prepare(request, body)
+    tok = state.tokenizer
+    prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
+    params = _sampling(body, body.max_tokens, body.logprobs)
+    jobs = _jobs(state, prompts, params, body)
+    state.admit()
+    rid = f"cmpl-{request.state.request_id}"
+    created = int(time.time())
+    gen = Generation(state, jobs, body.n)
+    echo = [tok.decode(ids, skip_special_tokens=False) if body.echo else "" for ids in prompts]
+    num_choices = len(jobs) * body.n
+    if body.stream:
+        return StreamingResponse(
+            _completion_stream(gen, rid, created, state.model_name, echo, body.include_usage, tok),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
+    choices = await collect(request, gen, num_choices)
+    return JSONResponse(
+        {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": state.model_name,
+            "choices": [
+                {
+                    "index": c.index,
+                    "text": echo[c.index // body.n] + c.text,
+                    "logprobs": _completion_logprobs(tok, c.logprobs, 0) if body.logprobs is not None else None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+                for c in choices
+            ],
+            "usage": gen.usage.as_dict(),
+        }
+    )
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+async def _completion_stream(gen: Generation, rid, created, model, echo, include_usage, tok):
+    offsets: dict[int, int] = {}
+    started: set[int] = set()
+    want_logprobs = gen.jobs[0].params.logprobs is not None
+    try:
+        async for index, out in gen.deltas():
+            text = out.new_text
+            if index not in started:
+                started.add(index)
+                text = echo[index // gen.n] + text
+            if not text and not out.finished and not out.new_token_ids:
+                continue
+            logprobs = None
+            if want_logprobs and out.logprobs:
+                logprobs = _completion_logprobs(
+                    tok, list(zip(out.new_token_ids, out.logprobs, strict=True)), offsets.get(index, 0)
+                )
+            offsets[index] = offsets.get(index, 0) + len(text)
+            choice = {
+                "index": index,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": out.finish_reason if out.finished else None,
+                "stop_reason": out.stop_reason if out.finished else None,
+            }
+            chunk = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+            if include_usage:
+                chunk["usage"] = None
+            yield _sse(chunk)
+    finally:
+        gen.finish()
+    if include_usage:
+        yield _sse(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": gen.usage.as_dict(),
+            }
+        )
+    yield "data: [DONE]\n\n"
+
+
+def _token_text(tok, token_id: int) -> str:
+    return tok.decode([token_id], skip_special_tokens=False)
+
+
+def _completion_logprobs(tok, items, text_offset: int) -> dict:
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for token_id, lp in items:
+        text = _token_text(tok, token_id)
+        tokens.append(text)
+        token_logprobs.append(lp.logprob)
+        top.append({_token_text(tok, t): v for t, v in lp.top})
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+# -- /v1/chat/completions -------------------------------------------------------------------------
+
+
+async def chat_completions(request: Request) -> Response:
+    body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
+    state = _prepare(request, body)
+    tok = state.tokenizer
+    try:
+        messages = [m.as_template_dict() for m in body.messages]
+        prompt = tok.encode_chat(
+            messages, add_generation_prompt=body.add_generation_prompt, **(body.chat_template_kwargs or {})
+        )
+    except InvalidRequestError as e:
+        raise from_ladle_error(e) from None
+    params = _sampling(body, body.output_limit, body.logprobs_count)
+    jobs = _jobs(state, [prompt], params, body)
+    state.admit()
+    rid = f"chatcmpl-{request.state.request_id}"
+    created = int(time.time())
+    gen = Generation(state, jobs, body.n)
+    if body.stream:
+        return StreamingResponse(
+            _chat_stream(gen, rid, created, state.model_name, body.include_usage, tok),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
+    choices = await collect(request, gen, body.n)
+    return JSONResponse(
+        {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": state.model_name,
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": {"content": _chat_logprobs(tok, c.logprobs)} if body.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+                for c in choices
+            ],
+            "usage": gen.usage.as_dict(),
+        }
+    )
+
+
+async def _chat_stream(gen: Generation, rid, created, model, include_usage, tok):
+    want_logprobs = gen.jobs[0].params.logprobs is not None
+
+    def chunk(index, delta, finish_reason=None, logprobs=None, stop_reason=None):
+        c = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": index,
+                    "delta": delta,
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason,
+                    **({"stop_reason": stop_reason} if finish_reason else {}),
+                }
+            ],
+        }
+        if include_usage:
+            c["usage"] = None
+        return _sse(c)
+
+    for i in range(gen.n):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    try:
+        async for index, out in gen.deltas():
+            logprobs = None
+            if want_logprobs and out.logprobs:
+                logprobs = {"content": _chat_logprobs(tok, list(zip(out.new_token_ids, out.logprobs, strict=True)))}
+            if out.new_text or logprobs:
+                yield chunk(index, {"content": out.new_text}, logprobs=logprobs)
+            if out.finished:
+                yield chunk(index, {}, finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+    finally:
+        gen.finish()
+    if include_usage:
+        yield _sse(
+            {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": gen.usage.as_dict(),
+            }
+        )
+    yield "data: [DONE]\n\n"
+
+
+def _chat_logprobs(tok, items) -> list[dict]:
+    def entry(token_id, logprob):
+        text = _token_text(tok, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return [{**entry(t, lp.logprob), "top_logprobs": [entry(a, v) for a, v in lp.top]} for t, lp in items]
+
+
+# -- models, tokenize, detokenize -----------------------------------------------------------------
+
+
+async def list_models(request: Request) -> Response:
+    state = _state(request)
+    info = state.info
+    data = [
+        {
+            "id": state.model_name,
+            "object": "model",
+            "created": int(state.started_s),
+            "owned_by": "ladle",
+            "root": state.model_name,
+            "max_model_len": info.max_model_len if info else None,
+        }
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def tokenize(request: Request) -> Response:
+    body: TokenizeRequest = await parse_body(request, TokenizeRequest)
+    state = _state(request)
+    state.check_serving()
+    state.check_model(body.model)
+    tok = state.tokenizer
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+    try:
+        if body.prompt is not None:
+            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            ids = tok.encode_chat(
+                [m.as_template_dict() for m in body.messages], add_generation_prompt=body.add_generation_prompt
+            )
+    except InvalidRequestError as e:
+        raise from_ladle_error(e) from None
+    return JSONResponse({"count": len(ids), "max_model_len": state.info.max_model_len, "tokens": ids})
+
+
+async def detokenize(request: Request) -> Response:
+    body: DetokenizeRequest = await parse_body(request, DetokenizeRequest)
+    state = _state(request)
+    state.check_serving()
+    state.check_model(body.model)
+    try:
+        state.tokenizer.validate_ids(body.tokens, param="tokens")
+    except InvalidRequestError as e:
+        raise from_ladle_error(e) from None
+    return JSONResponse({"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)})

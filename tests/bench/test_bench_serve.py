@@ -1,0 +1,64 @@
+"""`ladle bench serve` against a real server: it loads it, reports, and writes JSON and a plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import run_ladle
+from ladle.bench.serve import RequestResult, parse_slo, summarize
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["random", "shared-prefix", "chat"])
+def test_bench_serve_end_to_end(embedded_server, tmp_path, dataset):
+    result = run_ladle(
+        "bench",
+        "serve",
+        "--base-url",
+        embedded_server.url + "/v1",
+        "--dataset",
+        dataset,
+        "--num-prompts",
+        "4",
+        "--input-len",
+        "16",
+        "--output-len",
+        "4",
+        "--prefix-len",
+        "32",
+        "--sweep",
+        "1,2",
+        "--warmup",
+        "1",
+        "--goodput",
+        "ttft:60000,tpot:60000",
+        "--results-dir",
+        str(tmp_path),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "output tok/s" in result.stdout and "ttft" in result.stdout
+    (data_file,) = tmp_path.glob("serve-ladle-*.json")
+    data = json.loads(data_file.read_text())
+    assert [p["load"] for p in data["points"]] == ["c=1", "c=2"]
+    for point in data["points"]:
+        assert point["completed"] == 4 and point["failed"] == 0
+        if dataset != "chat":  # chat draws its lengths from a spread around the mean
+            assert point["output_tokens"] == 16  # ignore_eos: exactly 4 tokens each
+        assert point["goodput_requests_per_s"] == pytest.approx(point["request_throughput"])
+    assert list(tmp_path.glob("serve-ladle-*.png"))
+
+
+def test_summary_percentiles_and_goodput():
+    results = [RequestResult(True, 10, output_tokens=11, ttft_s=t, e2e_s=t + 1.0) for t in (0.1, 0.2, 0.3, 0.4)]
+    results.append(RequestResult(False, 10, error="HTTP 429", status=429))
+    s = summarize(results, duration_s=2.0, slo=parse_slo("ttft:250"))
+    assert s["completed"] == 4 and s["failures_by_status"] == {"429": 1}
+    assert s["ttft"]["p50_ms"] == pytest.approx(200) and s["ttft"]["p99_ms"] == pytest.approx(400)
+    assert s["tpot"]["mean_ms"] == pytest.approx(100)  # 1 s over 10 tokens after the first
+    assert s["goodput_requests_per_s"] == pytest.approx(1.0)  # two of four within 250 ms, over 2 s
+    assert s["output_tokens_per_s"] == pytest.approx(22)
+    with pytest.raises(ValueError):
+        parse_slo("latency:5")

@@ -1,0 +1,114 @@
+"""The async engine: deltas stream to coroutines, aborts free blocks, the event loop stays free."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from ladle.engine.async_engine import AsyncEngine
+from ladle.engine.llm import LLM
+from ladle.errors import InvalidRequestError
+from ladle.sample.params import SamplingParams
+
+
+@pytest.fixture
+def engine(tiny_models):
+    llm = LLM(str(tiny_models["qwen2"].hf_dir), dtype="float32", device="cpu", kv_cache_memory_gib=0.05)
+    eng = AsyncEngine(llm.engine)
+    eng.start()
+    yield eng, llm
+    eng.shutdown()
+
+
+async def collect(eng, rid, ids, params):
+    deltas = []
+    async for out in eng.generate(rid, ids, params):
+        deltas.append(out)
+    return deltas
+
+
+def test_streamed_deltas_add_up_to_the_offline_result(engine):
+    eng, llm = engine
+    ids = llm.tokenizer.encode("The quick brown fox")
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    expected = llm.generate([ids], params)[0]
+
+    async def main():
+        return await asyncio.gather(*(collect(eng, f"r{i}", ids, params) for i in range(4)))
+
+    for deltas in asyncio.run(main()):
+        assert "".join(d.new_text for d in deltas) == expected.text
+        assert [t for d in deltas for t in d.new_token_ids] == expected.token_ids
+        assert deltas[-1].finished and deltas[-1].finish_reason == "length"
+        assert deltas[-1].metrics is not None and deltas[-1].metrics.first_token_s is not None
+
+
+def test_leaving_the_stream_aborts_and_frees_every_block(engine):
+    eng, llm = engine
+    ids = llm.tokenizer.encode("def main(): return")
+
+    async def main():
+        streams = [eng.generate(f"cut{i}", ids, SamplingParams(max_tokens=300, ignore_eos=True)) for i in range(8)]
+        for s in streams:
+            for _ in range(3):
+                await s.__anext__()
+        for s in streams:
+            await s.aclose()  # what a disconnecting client's handler does
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            core = eng.engine
+            if not core.scheduler.has_work() and core.kv.num_free_blocks == core.kv.pool.num_blocks:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    assert asyncio.run(main())
+    assert not eng.engine.groups
+
+
+def test_the_event_loop_keeps_running_during_generation(engine):
+    eng, llm = engine
+    ids = llm.tokenizer.encode("Paris is")
+
+    async def main():
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker():
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        seen = []
+        async for _ in eng.generate("t", ids, SamplingParams(max_tokens=40, ignore_eos=True)):
+            seen.append(ticks)
+        stop.set()
+        await task
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen[-1] > seen[0]  # the ticker ran between deltas: no step blocked the loop
+
+
+def test_bad_requests_fail_in_the_caller(engine):
+    eng, llm = engine
+
+    async def main():
+        with pytest.raises(InvalidRequestError, match="context length"):
+            await collect(eng, "long", [5] * 600, SamplingParams())
+        with pytest.raises(InvalidRequestError, match="vocabulary"):
+            await collect(eng, "bad", [10**7], SamplingParams())
+
+    asyncio.run(main())
+
+
+def test_n_samples_stream_with_their_index(engine):
+    eng, llm = engine
+    ids = llm.tokenizer.encode("lazy dog")
+    deltas = asyncio.run(collect(eng, "n", ids, SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=8)))
+    assert {d.index for d in deltas} == {0, 1}
+    assert sum(d.finished for d in deltas) == 2

@@ -1,0 +1,151 @@
+"""Every error a client can cause: its status, OpenAI's error body, a message that says what is
+wrong. The server keeps serving after each."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+KEY = {"Authorization": "Bearer sk-test-1"}
+
+
+def error_of(result, status: int, *fragments: str, param: str | None = None):
+    got_status, headers, body = result
+    assert got_status == status, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    for f in fragments:
+        assert f in err["message"], err["message"]
+    if param is not None:
+        assert err["param"] == param
+    return headers, err
+
+
+def post(server, path, body, headers=KEY):
+    return server.request("POST", path, body, headers=headers)
+
+
+def test_api_key_required_and_checked(guarded_server):
+    error_of(post(guarded_server, "/v1/completions", {"prompt": "hi"}, headers={}), 401, "no API key")
+    error_of(
+        post(guarded_server, "/v1/completions", {"prompt": "hi"}, headers={"Authorization": "Bearer nope"}),
+        401,
+        "not valid",
+    )
+    assert guarded_server.request("GET", "/health")[0] == 200  # probes need no key
+    assert guarded_server.request("GET", "/metrics")[0] == 200
+    status, _, body = post(
+        guarded_server,
+        "/v1/completions",
+        {"prompt": "hi", "max_tokens": 2},
+        headers={"Authorization": "Bearer sk-test-2"},
+    )
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+
+
+def test_unknown_model_and_route(guarded_server):
+    error_of(
+        post(
+            guarded_server, "/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}
+        ),
+        404,
+        "gpt-4",
+        param="model",
+    )
+    error_of(guarded_server.request("GET", "/v1/nothing", headers=KEY), 404, "no route")
+    error_of(guarded_server.request("GET", "/v1/completions", headers=KEY), 405, "not allowed")
+
+
+def test_body_too_large(guarded_server):
+    error_of(post(guarded_server, "/v1/completions", {"prompt": "x" * 5000}), 413, "larger than 4096 bytes")
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_malformed_json(guarded_server, raw):
+    error_of(post(guarded_server, "/v1/completions", raw), 400, "JSON")
+
+
+@pytest.mark.parametrize(
+    "path, body, fragments, param",
+    [
+        ("/v1/completions", {"prompt": "hi", "top_p": 1.5}, ["top_p"], "top_p"),
+        ("/v1/completions", {"prompt": "hi", "temperature": -1}, ["temperature"], "temperature"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": -5}, ["max_tokens"], "max_tokens"),
+        ("/v1/completions", {"prompt": "hi", "n": 0}, ["n must be"], "n"),
+        ("/v1/completions", {"prompt": "hi", "stop": ["a"] * 17}, ["stop"], "stop"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, ["logit_bias"], "logit_bias"),
+        ("/v1/completions", {"prompt": [999999]}, ["vocabulary"], "prompt"),
+        ("/v1/completions", {"prompt": []}, ["prompt"], "prompt"),
+        ("/v1/completions", {}, ["prompt", "required"], "prompt"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, ["max_tokens"], "max_tokens"),
+        ("/v1/completions", {"prompt": "hi", "suffix": "x"}, ["suffix"], "suffix"),
+        ("/v1/chat/completions", {"messages": "hello"}, ["messages"], "messages"),
+        ("/v1/chat/completions", {"messages": []}, ["messages"], "messages"),
+        ("/v1/chat/completions", {"messages": [{"content": "x"}]}, ["role"], "messages.0.role"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+            ["json_object", "not supported"],
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+            },
+            ["tool"],
+            "tools",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            ["image_url", "text only"],
+            "messages",
+        ),
+    ],
+)
+def test_invalid_parameters(guarded_server, path, body, fragments, param):
+    error_of(post(guarded_server, path, body), 400, *fragments, param=param)
+
+
+def test_prompt_over_the_context_names_both_numbers(guarded_server):
+    _, err = error_of(post(guarded_server, "/v1/completions", {"prompt": [5] * 600}), 400, "512", "600")
+    assert err["code"] == "context_length_exceeded"
+    error_of(
+        post(guarded_server, "/v1/completions", {"prompt": [5] * 100, "max_tokens": 500}),
+        400,
+        "512",
+        "600",
+        "100 in the prompt",
+        param="max_tokens",
+    )
+
+
+def test_full_queue_gets_429_with_retry_after(guarded_server):
+    """One request runs (max-num-seqs 1), two may wait: the others are turned away at once."""
+    results = []
+
+    def call():
+        results.append(post(guarded_server, "/v1/completions", {"prompt": "go", "max_tokens": 200, "ignore_eos": True}))
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = sorted(r[0] for r in results)
+    assert statuses.count(200) >= 3 and 429 in statuses
+    for status, headers, body in results:
+        if status == 429:
+            assert int(headers["retry-after"]) >= 1
+            assert "overloaded" in body["error"]["message"] and body["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_the_server_still_serves_after_all_that(guarded_server):
+    status, _, body = post(
+        guarded_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    )
+    assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
+    assert guarded_server.metric("ladle_http_requests_total", status="500") == 0
