@@ -34,6 +34,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default)")
     g.add_argument(
+        "--quantization",
+        "-q",
+        default="none",
+        choices=["none", "int8", "int4"],
+        help="weight-only quantization of the decoder layers: int8 per channel, int4 in groups of 64 "
+        "(embedding and lm_head stay in --dtype); fastest at low concurrency",
+    )
+    g.add_argument(
         "--max-model-len",
         type=int,
         default=None,
@@ -76,6 +84,7 @@ def _engine_config(args: argparse.Namespace):
             dtype=args.dtype,
             device=args.device,
             max_model_len=args.max_model_len,
+            quantization=args.quantization,
         ),
         cache=CacheConfig(
             block_size=args.block_size,
@@ -193,6 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     srv.set_defaults(func=_cmd_serve)
 
+    conv = sub.add_parser("convert", help="write a model (GGUF or HF folder) as a plain Hugging Face folder")
+    conv.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        metavar="PATH",
+        help="a GGUF file or a Hugging Face folder (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    conv.add_argument("--output", "-o", required=True, metavar="DIR", help="folder to create")
+    conv.add_argument(
+        "--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="weight dtype (bfloat16)"
+    )
+    conv.set_defaults(func=_cmd_convert)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", metavar="BENCH", required=True)
     tp = bench.add_parser("throughput", help="offline batch throughput, optionally against transformers")
     _add_model_args(tp)
@@ -262,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--results-dir", default="benchmarks/results", metavar="DIR")
     bs.set_defaults(func=_cmd_bench_serve)
     return parser
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from ladle.model.convert import convert_to_hf
+    from ladle.model.source import resolve_model
+
+    out = convert_to_hf(resolve_model(args.model), args.output, args.dtype)
+    print(f"wrote {out}")
+    return 0
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:

@@ -18,6 +18,12 @@ class ModelConfig:
     device: str = "auto"  # cpu, cuda, cuda:N or auto
     max_model_len: int | None = None  # cap on prompt + output tokens (default: the model's context)
     attention_backend: str = "auto"  # "cpu" (C++ paged kernel), "sdpa", or auto
+    quantization: str = "none"  # weight-only quantization of the decoder layers: none, int8, int4
+
+    def __post_init__(self):
+        from ladle.model.quant import check_method
+
+        check_method(self.quantization)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,11 @@ class EngineInfo:
     num_kv_blocks: int  # KV-cache blocks
     block_size: int  # tokens per block
     attention_backend: str  # attention implementation in use
+    quantization: str = "none"  # weight-only quantization of the decoder layers
+
+    @property
+    def weights_description(self) -> str:
+        return self.dtype if self.quantization == "none" else f"{self.quantization} weights, {self.dtype} activations"
 
     @property
     def kv_capacity_tokens(self) -> int:

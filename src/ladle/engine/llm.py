@@ -29,7 +29,12 @@ def build_engine(config: EngineConfig, loaded=None) -> EngineCore:
     mc = config.model
     if loaded is None:
         loaded = load_model(
-            resolve_model(mc.model, mc.served_name), mc.dtype, mc.device, mc.attention_backend, mc.max_model_len
+            resolve_model(mc.model, mc.served_name),
+            mc.dtype,
+            mc.device,
+            mc.attention_backend,
+            mc.max_model_len,
+            mc.quantization,
         )
     bs = config.cache.block_size
     max_len = min(loaded.max_model_len, mc.max_model_len or loaded.max_model_len)
@@ -51,6 +56,7 @@ def build_engine(config: EngineConfig, loaded=None) -> EngineCore:
         num_kv_blocks=blocks,
         block_size=bs,
         attention_backend=loaded.attention_backend,
+        quantization=loaded.quantization,
     )
     return EngineCore(config, runner, loaded.tokenizer, max_len, blocks, loaded.source.name, info)
 

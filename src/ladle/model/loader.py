@@ -14,6 +14,7 @@ from ladle.errors import LadleError, ModelLoadError
 from ladle.model.attention import resolve_backend_name
 from ladle.model.gguf_loader import GGUFFile
 from ladle.model.hf_loader import HFFolder
+from ladle.model.quant import quantize_model
 from ladle.model.registry import MODEL_CLASSES
 from ladle.model.source import ModelSource
 from ladle.model.spec import TransformerSpec
@@ -33,6 +34,7 @@ class LoadedModel:
     device: torch.device  # where the weights live
     max_model_len: int  # longest request (prompt + output) the model serves
     attention_backend: str = "sdpa"  # the attention implementation in use
+    quantization: str = "none"  # weight-only quantization of the decoder layers
 
 
 def open_model_files(source: ModelSource) -> HFFolder | GGUFFile:
@@ -50,6 +52,7 @@ def load_model(
     device: str = "auto",
     attention_backend: str = "auto",
     max_model_len: int | None = None,
+    quantization: str = "none",
 ) -> LoadedModel:
     started = time.perf_counter()
     files = open_model_files(source)
@@ -75,17 +78,21 @@ def load_model(
         raise ModelLoadError(source.path, f"checkpoint lacks tensors the model needs: {shown}")
     if isinstance(files, GGUFFile) and (factors := files.rope_frequency_factors()) is not None:
         model.model.rotary.set_frequency_factors(torch.from_numpy(factors))
+    quantize_model(model, quantization)
     log.info(
-        "loaded %s (%s, %s layers) as %s on %s with %s attention in %.1fs",
+        "loaded %s (%s, %s layers) as %s%s on %s with %s attention in %.1fs",
         source.name,
         spec.architecture,
         spec.num_layers,
         str(torch_dtype).removeprefix("torch."),
+        "" if quantization == "none" else f" with {quantization} weights",
         device_name,
         backend,
         time.perf_counter() - started,
     )
-    return LoadedModel(source, spec, tokenizer, model.eval(), torch_dtype, torch.device(device_name), max_len, backend)
+    return LoadedModel(
+        source, spec, tokenizer, model.eval(), torch_dtype, torch.device(device_name), max_len, backend, quantization
+    )
 
 
 def _build(spec: TransformerSpec, backend: str, max_len: int, dtype: torch.dtype, device: torch.device):

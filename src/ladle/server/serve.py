@@ -109,7 +109,8 @@ async def _load_and_warm(state: ServerState, server_ref: list) -> None:
         info = engine.engine.info
         url = f"http://{cfg.server.host}:{cfg.server.port}"
         print(
-            f"ladle: serving {info.model_name} ({info.dtype} on {info.device}, {info.attention_backend} attention, "
+            f"ladle: serving {info.model_name} ({info.weights_description} on {info.device}, "
+            f"{info.attention_backend} attention, "
             f"KV cache {info.kv_capacity_tokens} tokens, context {info.max_model_len}) at {url}",
             file=sys.stderr,
             flush=True,
