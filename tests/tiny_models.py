@@ -175,7 +175,18 @@ def llama3_rope_factors(config) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
-def write_gguf(model, config, tok, path: Path) -> None:
+def write_quantized_gguf(tiny: TinyModel, path: Path, linear_type: str) -> Path:
+    """The tiny model as a GGUF whose projection weights are quantized (Q4_0, Q4_1, Q8_0)."""
+    import tokenizers
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny.hf_dir, dtype=torch.float32)
+    tok = tokenizers.Tokenizer.from_file(str(tiny.hf_dir / "tokenizer.json"))
+    write_gguf(model, tiny.config, tok, path, linear_type)
+    return path
+
+
+def write_gguf(model, config, tok, path: Path, linear_type: str | None = None) -> None:
     import gguf
 
     arch = "qwen2" if config.model_type == "qwen2" else "llama"
@@ -204,7 +215,11 @@ def write_gguf(model, config, tok, path: Path) -> None:
             data = llamacpp_permute(data, config.num_attention_heads)
         elif arch == "llama" and "k_proj" in name:
             data = llamacpp_permute(data, config.num_key_value_heads)
-        w.add_tensor(gguf_tensor_name(name), data)
+        if linear_type and name.endswith("proj.weight"):
+            kind = gguf.GGMLQuantizationType[linear_type]
+            w.add_tensor(gguf_tensor_name(name), gguf.quants.quantize(data, kind), raw_dtype=kind)
+        else:
+            w.add_tensor(gguf_tensor_name(name), data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -37,9 +37,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--quantization",
         "-q",
         default="none",
-        choices=["none", "int8", "int4"],
-        help="weight-only quantization of the decoder layers: int8 per channel, int4 in groups of 64 "
-        "(embedding and lm_head stay in --dtype); fastest at low concurrency",
+        choices=["none", "int8", "int4", "from-gguf"],
+        help="weight-only quantization of the decoder layers: int8 per channel, int4 in groups of 64, or "
+        "from-gguf (a GGUF file's Q4_0/Q4_1 blocks as exact int4, Q8_0 as int8); embedding and lm_head "
+        "stay in --dtype. Fastest at low concurrency",
     )
     g.add_argument(
         "--max-model-len",

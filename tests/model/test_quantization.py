@@ -97,3 +97,46 @@ def test_embedded_model_answers_with_int8_and_int4():
         result = run_ladle("generate", "What is the capital of France?", "--chat", "--max-tokens", "12", "-q", method)
         assert result.returncode == 0, result.stderr
         assert "Paris" in result.stdout
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_from_gguf_keeps_q4_blocks_exactly(tiny_models, tmp_path, arch, kind):
+    from tiny_models import write_quantized_gguf
+
+    path = write_quantized_gguf(tiny_models[arch], tmp_path / f"{arch}-{kind}.gguf", kind)
+    source = resolve_model(str(path))
+    plain = load_model(source, dtype="float32", device="cpu")  # blocks dequantized at load
+    exact = load_model(source, dtype="float32", device="cpu", quantization="from-gguf")
+    for i, layer in enumerate(exact.model.model.layers):
+        for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+            quantized = layer.get_submodule(name)
+            assert isinstance(quantized, Int4Linear) and quantized.group_size == 32
+            dense = plain.model.model.layers[i].get_submodule(name).weight
+            torch.testing.assert_close(quantized.dequantize(), dense, atol=1e-6, rtol=1e-6)
+    x = torch.randn(3, plain.spec.hidden_size)
+    a = plain.model.model.layers[0].self_attn.qkv_proj(x)
+    torch.testing.assert_close(exact.model.model.layers[0].self_attn.qkv_proj(x), a, atol=1e-4, rtol=1e-4)
+
+
+def test_from_gguf_maps_q8_0_to_int8_and_refuses_folders(tiny_models, tmp_path):
+    from tiny_models import write_quantized_gguf
+
+    path = write_quantized_gguf(tiny_models["llama"], tmp_path / "q8.gguf", "Q8_0")
+    loaded = load_model(resolve_model(str(path)), dtype="float32", device="cpu", quantization="from-gguf")
+    assert isinstance(loaded.model.model.layers[0].mlp.down_proj, Int8Linear)
+    with pytest.raises(LadleError, match="from-gguf needs a GGUF model"):
+        load_model(resolve_model(str(tiny_models["llama"].hf_dir)), device="cpu", quantization="from-gguf")
+
+
+def test_packed_linear_equals_f_linear_in_bf16():
+    from ladle.model.packed import PackedLinear, packing_available
+
+    if not packing_available(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16: Ladle keeps F.linear here")
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 64, generator=g).bfloat16(), torch.randn(96, generator=g).bfloat16()
+    layer = PackedLinear(w, b)
+    for rows in (1, 7, 64, 300):
+        x = torch.randn(rows, 64, generator=g).bfloat16()
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, b), atol=2e-2, rtol=1e-2)

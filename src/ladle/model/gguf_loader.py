@@ -120,5 +120,35 @@ class GGUFFile:
                 w = unpermute_rope_rows(w, spec.num_kv_heads)
             yield target, w
 
+    def q4_blocks(self, hf_target: str, spec: TransformerSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The exact 4-bit codes of a Q4_0 / Q4_1 weight, in Hugging Face row order: (codes [N, K]
+        uint8 in 0..15, scale [N, K/32], minimum [N, K/32]) with w = codes * scale + minimum.
+        None when the tensor has another type."""
+        name = next((n for n in self.tensors if hf_name(n) == hf_target), None)
+        if name is None:
+            raise ModelLoadError(self.path, f"no GGUF tensor holds {hf_target!r}")
+        t = self.tensors[name]
+        kind = t.tensor_type.name
+        if kind not in ("Q4_0", "Q4_1"):
+            return None
+        rows, cols = int(t.shape[1]), int(t.shape[0])  # GGUF lists dimensions innermost first
+        head = 2 if kind == "Q4_0" else 4  # f16 scale (Q4_0), f16 scale + f16 minimum (Q4_1)
+        blocks = np.asarray(t.data, dtype=np.uint8).reshape(rows, cols // 32, head + 16)
+        scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        if kind == "Q4_1":
+            low = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        else:
+            low = -8.0 * scale  # Q4_0: w = scale * (q - 8)
+        packed = blocks[..., head:]  # [rows, blocks, 16]: element j in the low nibble, j + 16 in the high
+        codes = np.concatenate([packed & 15, packed >> 4], axis=-1).reshape(rows, cols)
+        if spec.architecture == "llama" and (".q_proj." in hf_target or ".k_proj." in hf_target):
+            heads = spec.num_heads if ".q_proj." in hf_target else spec.num_kv_heads
+            codes, scale, low = (unpermute_rope_rows(a, heads) for a in (codes, scale, low))
+        return np.ascontiguousarray(codes), np.ascontiguousarray(scale), np.ascontiguousarray(low)
+
+    def tensor_type(self, hf_target: str) -> str | None:
+        name = next((n for n in self.tensors if hf_name(n) == hf_target), None)
+        return None if name is None else self.tensors[name].tensor_type.name
+
     def rope_frequency_factors(self) -> np.ndarray | None:
         return self.dequantize(ROPE_FREQS) if ROPE_FREQS in self.tensors else None

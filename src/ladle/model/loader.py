@@ -14,7 +14,8 @@ from ladle.errors import LadleError, ModelLoadError
 from ladle.model.attention import resolve_backend_name
 from ladle.model.gguf_loader import GGUFFile
 from ladle.model.hf_loader import HFFolder
-from ladle.model.quant import quantize_model
+from ladle.model.packed import pack_linears, packing_available
+from ladle.model.quant import quantize_from_gguf, quantize_model
 from ladle.model.registry import MODEL_CLASSES
 from ladle.model.source import ModelSource
 from ladle.model.spec import TransformerSpec
@@ -53,6 +54,7 @@ def load_model(
     attention_backend: str = "auto",
     max_model_len: int | None = None,
     quantization: str = "none",
+    pack_weights: bool = True,
 ) -> LoadedModel:
     started = time.perf_counter()
     files = open_model_files(source)
@@ -78,7 +80,15 @@ def load_model(
         raise ModelLoadError(source.path, f"checkpoint lacks tensors the model needs: {shown}")
     if isinstance(files, GGUFFile) and (factors := files.rope_frequency_factors()) is not None:
         model.model.rotary.set_frequency_factors(torch.from_numpy(factors))
-    quantize_model(model, quantization)
+    if quantization == "from-gguf":
+        if not isinstance(files, GGUFFile):
+            raise LadleError("--quantization from-gguf needs a GGUF model; use int8 or int4 for a Hugging Face folder")
+        counts = quantize_from_gguf(model, files, spec)
+        log.info("from-gguf: %(int4)d projections int4 (exact), %(int8)d int8, %(unchanged)d unchanged", counts)
+    else:
+        quantize_model(model, quantization)
+    if pack_weights and packing_available(torch_dtype, torch.device(device_name)):
+        pack_linears(model)
     log.info(
         "loaded %s (%s, %s layers) as %s%s on %s with %s attention in %.1fs",
         source.name,

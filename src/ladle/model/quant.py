@@ -8,6 +8,10 @@ embedding and the lm_head (tied to it in small models) stay in the model's dtype
 - int8: symmetric, one scale per output channel: w ≈ q * scale, q in [-127, 127].
 - int4: asymmetric, one (scale, min) per group of `group_size` inputs of an output channel:
   w ≈ q * scale + min, q in [0, 15].
+- from-gguf: a GGUF file's own blocks, without requantizing: Q4_0 and Q4_1 weights are exactly
+  int4 with groups of 32 (Q4_1: w = d * q + m; Q4_0: w = d * (q - 8)); Q8_0 weights become int8
+  per channel (requantized from the blocks: Q8_0 scales every 32 inputs, the int8 kernel one
+  scale per channel); other types stay in the model's dtype.
 
 Two ways to multiply, picked per call by the number of rows:
 - few rows (decode): PyTorch's packed kernels `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`,
@@ -21,12 +25,13 @@ Two ways to multiply, picked per call by the number of rows:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from ladle.errors import LadleError
 
-METHODS = ("none", "int8", "int4")
+METHODS = ("none", "int8", "int4", "from-gguf")
 QUANTIZED_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
@@ -158,6 +163,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 64) -> int:
     check_method(method)
     if method == "none":
         return 0
+    if method == "from-gguf":
+        raise LadleError("from-gguf quantization needs the GGUF file: use quantize_from_gguf")
     count = 0
     for layer in model.model.layers:
         for path in QUANTIZED_LINEARS:
@@ -171,6 +178,40 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 64) -> int:
             setattr(parent, name, quantized)
             count += 1
     return count
+
+
+# fused parameter → the checkpoint tensors stacked in it, in order
+_SHARDS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+
+
+def quantize_from_gguf(model: nn.Module, gguf, spec) -> dict[str, int]:
+    """Load each projection in the Ladle format matching its GGUF type; returns counts by format."""
+    counts = {"int4": 0, "int8": 0, "unchanged": 0}
+    for i, layer in enumerate(model.model.layers):
+        for path, shards in _SHARDS.items():
+            parent_path, name = path.rsplit(".", 1)
+            parent = layer.get_submodule(parent_path)
+            linear = getattr(parent, name)
+            targets = [f"model.layers.{i}.{shard}.weight" for shard in shards]
+            types = {gguf.tensor_type(t) for t in targets}
+            if types <= {"Q4_0", "Q4_1"}:
+                parts = [gguf.q4_blocks(t, spec) for t in targets]
+                codes, scale, low = (torch.from_numpy(np.concatenate([p[j] for p in parts])) for j in range(3))
+                quantized = Int4Linear.from_codes(codes, scale, low, linear.weight.dtype, 32, linear.bias)
+                counts["int4"] += 1
+            elif types == {"Q8_0"}:
+                quantized = Int8Linear(linear.weight, linear.bias)
+                counts["int8"] += 1
+            else:
+                counts["unchanged"] += 1
+                continue
+            setattr(parent, name, quantized)
+    return counts
 
 
 def weight_bytes(model: nn.Module) -> int:
