@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ladle import __version__
+from ladle.config import QUANTIZATION_METHODS
 from ladle.errors import LadleError
 
 EXIT_USER_ERROR = 2
@@ -37,7 +38,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--quantization",
         "-q",
         default="none",
-        choices=["none", "int8", "int4", "from-gguf"],
+        choices=QUANTIZATION_METHODS,
         help="weight-only quantization of the decoder layers: int8 per channel, int4 in groups of 64, or "
         "from-gguf (a GGUF file's Q4_0/Q4_1 blocks as exact int4, Q8_0 as int8); embedding and lm_head "
         "stay in --dtype. Fastest at low concurrency",

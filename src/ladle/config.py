@@ -8,6 +8,13 @@ from dataclasses import dataclass, field
 from ladle.errors import LadleError
 
 POLICIES = ("fcfs", "priority")
+QUANTIZATION_METHODS = ("none", "int8", "int4", "from-gguf")  # ladle.model.quant implements them
+
+
+def check_quantization(method: str) -> str:
+    if method not in QUANTIZATION_METHODS:
+        raise LadleError(f"unknown quantization {method!r} (choose {', '.join(QUANTIZATION_METHODS)})")
+    return method
 
 
 @dataclass(frozen=True)
@@ -18,12 +25,10 @@ class ModelConfig:
     device: str = "auto"  # cpu, cuda, cuda:N or auto
     max_model_len: int | None = None  # cap on prompt + output tokens (default: the model's context)
     attention_backend: str = "auto"  # "cpu" (C++ paged kernel), "sdpa", or auto
-    quantization: str = "none"  # weight-only quantization of the decoder layers: none, int8, int4
+    quantization: str = "none"  # weight-only quantization of the decoder layers: QUANTIZATION_METHODS
 
     def __post_init__(self):
-        from ladle.model.quant import check_method
-
-        check_method(self.quantization)
+        check_quantization(self.quantization)
 
 
 @dataclass(frozen=True)

@@ -198,14 +198,14 @@ def main(args) -> int:
 
 
 METRICS = [
-    ("output tok/s", lambda s: s["output_tokens_per_s"], True),
-    ("total tok/s", lambda s: s["total_tokens_per_s"], True),
-    ("TTFT p50 ms", lambda s: s["ttft"]["p50_ms"], False),
-    ("TTFT p99 ms", lambda s: s["ttft"]["p99_ms"], False),
-    ("TPOT p50 ms", lambda s: s["tpot"]["p50_ms"], False),
-    ("TPOT p99 ms", lambda s: s["tpot"]["p99_ms"], False),
-    ("ITL p99 ms", lambda s: s["itl"]["p99_ms"], False),
-    ("completed", lambda s: s["completed"], True),
+    ("output tok/s", lambda s: s["output_tokens_per_s"]),
+    ("total tok/s", lambda s: s["total_tokens_per_s"]),
+    ("TTFT p50 ms", lambda s: s["ttft"]["p50_ms"]),
+    ("TTFT p99 ms", lambda s: s["ttft"]["p99_ms"]),
+    ("TPOT p50 ms", lambda s: s["tpot"]["p50_ms"]),
+    ("TPOT p99 ms", lambda s: s["tpot"]["p99_ms"]),
+    ("ITL p99 ms", lambda s: s["itl"]["p99_ms"]),
+    ("completed", lambda s: s["completed"]),
 ]
 
 
@@ -217,7 +217,7 @@ def render_table(table: dict[str, dict], workloads: list[str]) -> str:
     lines.append("|---" * (1 + len(labels) + len(peers)) + "|")
     lines.append("| ready s | " + " | ".join(f"{table[s]['ready_s']:.1f}" for s in labels) + " |" * (len(peers) + 1))
     for w in workloads:
-        for name, get, _higher_better in METRICS:
+        for name, get in METRICS:
             values = [get(table[s][w]) for s in labels]
             cells = [_fmt(v) for v in values]
             ratios = [_fmt(values[0] / v) + "x" if v else "n/a" for v in values[1:]]

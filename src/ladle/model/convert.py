@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ladle.errors import LadleError, ModelLoadError
+from ladle.model.gguf_loader import GGUFFile
 from ladle.model.loader import open_model_files
 from ladle.model.source import ModelSource
 from ladle.model.spec import TransformerSpec
@@ -69,8 +70,7 @@ def convert_to_hf(source: ModelSource, out_dir: Path, dtype: str = "bfloat16") -
         raise LadleError(f"{out_dir} already holds a model (config.json); choose an empty folder")
     files = open_model_files(source)
     spec = files.spec()
-    factors = getattr(files, "rope_frequency_factors", lambda: None)()
-    if factors is not None:
+    if isinstance(files, GGUFFile) and files.rope_frequency_factors() is not None:
         raise ModelLoadError(source.path, "per-frequency rope factors (rope_freqs) have no Hugging Face config form")
     tokenizer = files.tokenizer(spec.eos_token_ids)
 

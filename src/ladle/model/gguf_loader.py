@@ -58,6 +58,18 @@ def unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _hf_row_order(rows: np.ndarray, hf_target: str, spec: TransformerSpec) -> np.ndarray:
+    """An array whose axis 0 follows the output rows of `hf_target` (a weight, or its per-row
+    quantization codes and scales), put back in Hugging Face order."""
+    if spec.architecture != "llama":
+        return rows
+    if ".q_proj." in hf_target:
+        return unpermute_rope_rows(rows, spec.num_heads)
+    if ".k_proj." in hf_target:
+        return unpermute_rope_rows(rows, spec.num_kv_heads)
+    return rows
+
+
 class GGUFFile:
     """An opened GGUF file: decoded metadata now, weights on demand."""
 
@@ -74,6 +86,7 @@ class GGUFFile:
         except Exception as e:
             raise ModelLoadError(path, f"corrupt GGUF metadata ({type(e).__name__}: {e})") from None
         self.tensors = {t.name: t for t in self.reader.tensors}
+        self._by_hf_name = {hf: name for name in self.tensors if (hf := hf_name(name)) is not None}
         self._check_tensor_types()
 
     def _check_tensor_types(self) -> None:
@@ -106,28 +119,21 @@ class GGUFFile:
 
     def weights(self, spec: TransformerSpec) -> Iterator[tuple[str, np.ndarray]]:
         """(Hugging Face name, float32 array) for every weight tensor, in file order."""
-        permute = spec.architecture == "llama"
         for name in self.tensors:
             if name == ROPE_FREQS:
                 continue
             target = hf_name(name)
             if target is None:
                 raise ModelLoadError(self.path, f"tensor {name!r} is not part of a {spec.architecture} model")
-            w = self.dequantize(name)
-            if permute and ".q_proj." in target:
-                w = unpermute_rope_rows(w, spec.num_heads)
-            elif permute and ".k_proj." in target:
-                w = unpermute_rope_rows(w, spec.num_kv_heads)
-            yield target, w
+            yield target, _hf_row_order(self.dequantize(name), target, spec)
 
     def q4_blocks(self, hf_target: str, spec: TransformerSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """The exact 4-bit codes of a Q4_0 / Q4_1 weight, in Hugging Face row order: (codes [N, K]
         uint8 in 0..15, scale [N, K/32], minimum [N, K/32]) with w = codes * scale + minimum.
         None when the tensor has another type."""
-        name = next((n for n in self.tensors if hf_name(n) == hf_target), None)
-        if name is None:
+        if hf_target not in self._by_hf_name:
             raise ModelLoadError(self.path, f"no GGUF tensor holds {hf_target!r}")
-        t = self.tensors[name]
+        t = self.tensors[self._by_hf_name[hf_target]]
         kind = t.tensor_type.name
         if kind not in ("Q4_0", "Q4_1"):
             return None
@@ -141,13 +147,10 @@ class GGUFFile:
             low = -8.0 * scale  # Q4_0: w = scale * (q - 8)
         packed = blocks[..., head:]  # [rows, blocks, 16]: element j in the low nibble, j + 16 in the high
         codes = np.concatenate([packed & 15, packed >> 4], axis=-1).reshape(rows, cols)
-        if spec.architecture == "llama" and (".q_proj." in hf_target or ".k_proj." in hf_target):
-            heads = spec.num_heads if ".q_proj." in hf_target else spec.num_kv_heads
-            codes, scale, low = (unpermute_rope_rows(a, heads) for a in (codes, scale, low))
-        return np.ascontiguousarray(codes), np.ascontiguousarray(scale), np.ascontiguousarray(low)
+        return tuple(np.ascontiguousarray(_hf_row_order(a, hf_target, spec)) for a in (codes, scale, low))
 
     def tensor_type(self, hf_target: str) -> str | None:
-        name = next((n for n in self.tensors if hf_name(n) == hf_target), None)
+        name = self._by_hf_name.get(hf_target)
         return None if name is None else self.tensors[name].tensor_type.name
 
     def rope_frequency_factors(self) -> np.ndarray | None:

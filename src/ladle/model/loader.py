@@ -54,7 +54,6 @@ def load_model(
     attention_backend: str = "auto",
     max_model_len: int | None = None,
     quantization: str = "none",
-    pack_weights: bool = True,
 ) -> LoadedModel:
     started = time.perf_counter()
     files = open_model_files(source)
@@ -87,7 +86,7 @@ def load_model(
         log.info("from-gguf: %(int4)d projections int4 (exact), %(int8)d int8, %(unchanged)d unchanged", counts)
     else:
         quantize_model(model, quantization)
-    if pack_weights and packing_available(torch_dtype, torch.device(device_name)):
+    if packing_available(torch_dtype, torch.device(device_name)):
         pack_linears(model)
     log.info(
         "loaded %s (%s, %s layers) as %s%s on %s with %s attention in %.1fs",

@@ -29,10 +29,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from ladle.config import check_quantization
 from ladle.errors import LadleError
 
-METHODS = ("none", "int8", "int4", "from-gguf")
-QUANTIZED_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+# each quantized projection of a decoder layer → the checkpoint tensors stacked in it, in order
+PROJECTIONS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
 
 
 class QuantLinear(nn.Module):
@@ -152,74 +158,49 @@ class Int4Linear(QuantLinear):
         return (q.to(dtype) * scale.to(dtype) + low.to(dtype)).view(end - start, self.in_features)
 
 
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise LadleError(f"unknown quantization {method!r} (choose {', '.join(METHODS)})")
-    return method
+def _projections(model: nn.Module):
+    """(layer index, checkpoint shards, parent module, attribute name, linear) for every projection."""
+    for i, layer in enumerate(model.model.layers):
+        for path, shards in PROJECTIONS.items():
+            parent_path, name = path.rsplit(".", 1)
+            parent = layer.get_submodule(parent_path)
+            yield i, shards, parent, name, getattr(parent, name)
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int = 64) -> int:
     """Replace the decoder layers' projections by quantized ones in place; returns how many."""
-    check_method(method)
+    check_quantization(method)
     if method == "none":
         return 0
     if method == "from-gguf":
         raise LadleError("from-gguf quantization needs the GGUF file: use quantize_from_gguf")
     count = 0
-    for layer in model.model.layers:
-        for path in QUANTIZED_LINEARS:
-            parent_path, name = path.rsplit(".", 1)
-            parent = layer.get_submodule(parent_path)
-            linear = getattr(parent, name)
-            if method == "int8":
-                quantized = Int8Linear(linear.weight, linear.bias)
-            else:
-                quantized = Int4Linear(linear.weight, linear.bias, group_size)
-            setattr(parent, name, quantized)
-            count += 1
+    for _, _, parent, name, linear in _projections(model):
+        if method == "int8":
+            quantized = Int8Linear(linear.weight, linear.bias)
+        else:
+            quantized = Int4Linear(linear.weight, linear.bias, group_size)
+        setattr(parent, name, quantized)
+        count += 1
     return count
-
-
-# fused parameter → the checkpoint tensors stacked in it, in order
-_SHARDS = {
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "self_attn.o_proj": ("self_attn.o_proj",),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-    "mlp.down_proj": ("mlp.down_proj",),
-}
 
 
 def quantize_from_gguf(model: nn.Module, gguf, spec) -> dict[str, int]:
     """Load each projection in the Ladle format matching its GGUF type; returns counts by format."""
     counts = {"int4": 0, "int8": 0, "unchanged": 0}
-    for i, layer in enumerate(model.model.layers):
-        for path, shards in _SHARDS.items():
-            parent_path, name = path.rsplit(".", 1)
-            parent = layer.get_submodule(parent_path)
-            linear = getattr(parent, name)
-            targets = [f"model.layers.{i}.{shard}.weight" for shard in shards]
-            types = {gguf.tensor_type(t) for t in targets}
-            if types <= {"Q4_0", "Q4_1"}:
-                parts = [gguf.q4_blocks(t, spec) for t in targets]
-                codes, scale, low = (torch.from_numpy(np.concatenate([p[j] for p in parts])) for j in range(3))
-                quantized = Int4Linear.from_codes(codes, scale, low, linear.weight.dtype, 32, linear.bias)
-                counts["int4"] += 1
-            elif types == {"Q8_0"}:
-                quantized = Int8Linear(linear.weight, linear.bias)
-                counts["int8"] += 1
-            else:
-                counts["unchanged"] += 1
-                continue
-            setattr(parent, name, quantized)
+    for i, shards, parent, name, linear in _projections(model):
+        targets = [f"model.layers.{i}.{shard}.weight" for shard in shards]
+        types = {gguf.tensor_type(t) for t in targets}
+        if types <= {"Q4_0", "Q4_1"}:
+            parts = [gguf.q4_blocks(t, spec) for t in targets]
+            codes, scale, low = (torch.from_numpy(np.concatenate([p[j] for p in parts])) for j in range(3))
+            quantized = Int4Linear.from_codes(codes, scale, low, linear.weight.dtype, 32, linear.bias)
+            counts["int4"] += 1
+        elif types == {"Q8_0"}:
+            quantized = Int8Linear(linear.weight, linear.bias)
+            counts["int8"] += 1
+        else:
+            counts["unchanged"] += 1
+            continue
+        setattr(parent, name, quantized)
     return counts
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by parameters and buffers, each storage counted once (tied weights once)."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total

@@ -13,10 +13,10 @@
 //   context_lens [B]                   int64 (tokens to attend to, the new one included)
 //   returns      [B, Hq, D]            same dtype as q
 //
-// With D = 64 or 128 the kernel uses 8-wide float32 vectors (a bf16/fp16 block is converted to
-// float32 first) (GCC/Clang vector extensions, so
-// it compiles for any target): four keys at a time, so that four independent accumulator chains
-// hide the latency of the fused multiply-adds. Other cases take the scalar path.
+// With D = 64 or 128 the kernel uses 8-wide float32 vectors (GCC/Clang vector extensions, so it
+// compiles for any target; a bf16/fp16 block is converted to float32 first): four keys at a time,
+// so that four independent accumulator chains hide the latency of the fused multiply-adds. Other
+// head sizes take the scalar path.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -137,7 +137,7 @@ void decode_item_generic(const T* q, const T* k_cache, const T* v_cache, const i
   for (int64_t i = 0; i < G * D; ++i) out[i] = from_float<T>(acc[i]);
 }
 
-// ---- float32, head size 64 or 128 (W = D / 8 vectors a row, known at compile time) ---------------
+// ---- head size 64 or 128, any dtype computed in float32 (W = D / 8 vectors a row) ---------------
 
 // A block of the cache as float32: in place for a float32 cache, else converted into buf.
 template <typename T>
