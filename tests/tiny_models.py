@@ -97,10 +97,10 @@ def make_config(arch: str, vocab_size: int):
     return getattr(transformers, spec["cls"])(**kwargs)
 
 
-def build_tiny_model(arch: str, root: Path, seed: int = 0) -> TinyModel:
+def build_tiny_model(arch: str, root: Path, seed: int = 0, vocab_size: int = 320) -> TinyModel:
     import transformers
 
-    tok = train_byte_level_bpe()
+    tok = train_byte_level_bpe(vocab_size)
     config = make_config(arch, tok.get_vocab_size())
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

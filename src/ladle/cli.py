@@ -77,7 +77,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _engine_config(args: argparse.Namespace):
-    from ladle.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from ladle.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 
     return EngineConfig(
         model=ModelConfig(
@@ -97,6 +97,14 @@ def _engine_config(args: argparse.Namespace):
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,
             policy=args.scheduling_policy,
+        ),
+        speculative=SpeculativeConfig(
+            method=args.speculative,
+            num_speculative_tokens=args.num_speculative_tokens,
+            draft_model=args.draft_model,
+            ngram_min=args.ngram_min,
+            ngram_max=args.ngram_max,
+            disable_batch_size=args.speculative_disable_batch_size,
         ),
     )
 
@@ -125,6 +133,39 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         choices=["fcfs", "priority"],
         default="fcfs",
         help="fcfs, or priority (lower value first, preempting higher values)",
+    )
+    from ladle.config import SPECULATIVE_METHODS, SpeculativeConfig
+
+    d = SpeculativeConfig()
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument(
+        "--speculative",
+        choices=SPECULATIVE_METHODS,
+        default="none",
+        help="guess tokens and verify them in one pass: ngram (prompt lookup) or draft (--draft-model)",
+    )
+    g.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=d.num_speculative_tokens,
+        metavar="K",
+        help=f"tokens guessed per request and step ({d.num_speculative_tokens})",
+    )
+    g.add_argument("--draft-model", default=None, metavar="PATH", help="smaller model, same tokenizer (GGUF/HF)")
+    g.add_argument("--ngram-min", type=int, default=d.ngram_min, metavar="N", help=f"({d.ngram_min})")
+    g.add_argument(
+        "--ngram-max",
+        type=int,
+        default=d.ngram_max,
+        metavar="N",
+        help=f"longest suffix n-gram looked up; shorter ones down to --ngram-min follow ({d.ngram_max})",
+    )
+    g.add_argument(
+        "--speculative-disable-batch-size",
+        type=int,
+        default=d.disable_batch_size,
+        metavar="N",
+        help=f"pause speculation while more than N requests run; 0 = never ({d.disable_batch_size}, measured)",
     )
 
 

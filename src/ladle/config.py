@@ -60,11 +60,50 @@ class SchedulerConfig:
             raise LadleError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
 
 
+SPECULATIVE_METHODS = ("none", "ngram", "draft")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: a proposer guesses the next tokens of a decoding request, the model
+    checks them all in one forward pass and keeps the longest run it agrees with."""
+
+    method: str = "none"  # "ngram" (prompt lookup), "draft" (a smaller model) or "none"
+    num_speculative_tokens: int = 4  # K: tokens proposed per request and step
+    draft_model: str | None = None  # GGUF file or HF folder of the draft model (method "draft")
+    ngram_min: int = 1  # shortest suffix n-gram looked up in the request's tokens
+    ngram_max: int = 4  # longest, tried first
+    # speculation pauses while more requests than this run (0 = never pauses). The default is the
+    # crossover measured on a 2-core CPU (benchmarks/results/spec-crossover-*.json).
+    disable_batch_size: int = 4
+
+    def __post_init__(self):
+        if self.method not in SPECULATIVE_METHODS:
+            raise LadleError(f"unknown speculative method {self.method!r} (choose {', '.join(SPECULATIVE_METHODS)})")
+        if self.method == "none":
+            return
+        if self.num_speculative_tokens < 1:
+            raise LadleError(f"--num-speculative-tokens must be at least 1, got {self.num_speculative_tokens}")
+        if self.method == "draft" and not self.draft_model:
+            raise LadleError("--speculative draft needs --draft-model PATH (a smaller model with the same tokenizer)")
+        if self.method != "draft" and self.draft_model:
+            raise LadleError("--draft-model is only used with --speculative draft")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise LadleError(f"need 1 <= --ngram-min <= --ngram-max, got {self.ngram_min} and {self.ngram_max}")
+        if self.disable_batch_size < 0:
+            raise LadleError(f"--speculative-disable-batch-size must be >= 0, got {self.disable_batch_size}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     seed: int = 0  # seeds the sampling of requests that bring no seed of their own
 
 

@@ -130,3 +130,30 @@ def test_serve_with_a_corrupt_model_exits_2_with_one_error_line(tmp_path, tiny_m
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("ladle: error:")]
     assert len(errors) == 1 and "corrupt or truncated" in errors[0] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, fragments",
+    [
+        (["--speculative", "ngram", "--num-speculative-tokens", "0"], ["--num-speculative-tokens must be at least 1"]),
+        (["--speculative", "draft"], ["--speculative draft needs --draft-model"]),
+        (["--speculative", "eagle"], ["invalid choice: 'eagle'"]),
+        (["--quantization", "int3"], ["invalid choice: 'int3'"]),
+    ],
+)
+def test_bad_speculation_and_quantization_flags_fail_at_startup(flags, fragments):
+    result = run_ladle("serve", "--no-warmup", *flags)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+def test_a_draft_model_of_another_family_fails_at_startup(tiny_models):
+    # the tiny models' tokenizer is not the embedded model's
+    path = str(tiny_models["llama"].gguf_path)
+    result = run_ladle("serve", "--no-warmup", "--port", "0", "--speculative", "draft", "--draft-model", path)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ladle: error: ")]
+    assert len(errors) == 1 and "different tokenizer" in errors[0] and path in errors[0], result.stderr
+    assert "Traceback" not in result.stderr

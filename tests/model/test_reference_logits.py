@@ -108,9 +108,7 @@ def test_logits_only_for_rows_that_sample(tiny_models):
     loaded = load_model(resolve_model(str(tiny.hf_dir)), dtype="float32", device="cpu")
     runner = ModelRunner(loaded, num_blocks=32, block_size=4)
     ids = prompt_ids(12, 7, tiny.config.vocab_size)
-    out = runner.execute(
-        [StepChunk(ids, 0, list(range(4)), needs_logits=False), StepChunk(ids[:5], 0, list(range(4, 8)))]
-    )
+    out = runner.execute([StepChunk(ids, 0, list(range(4)), num_logits=0), StepChunk(ids[:5], 0, list(range(4, 8)))])
     assert out.shape == (1, tiny.config.vocab_size)
 
 

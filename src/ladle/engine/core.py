@@ -15,6 +15,7 @@ from ladle.engine.kv_manager import KVCacheManager
 from ladle.engine.outputs import RequestMetrics, RequestOutput
 from ladle.engine.request import FinishReason, Request, RequestStatus
 from ladle.engine.scheduler import ScheduledChunk, Scheduler
+from ladle.engine.speculative import DraftProposer, NgramProposer, SpeculationPolicy
 from ladle.errors import InvalidRequestError
 from ladle.model.tokenizer import Tokenizer
 from ladle.runner.step import SampleSpec, StepBatch, StepRequest, StepResult, TokenLogprobs
@@ -58,10 +59,23 @@ class EngineStats:
     num_preemptions: int = 0
     prefix_queried_blocks: int = 0
     prefix_hit_blocks: int = 0
+    num_running_speculating: int = 0  # running requests holding guesses for the next step
+    spec_num_drafts: int = 0  # steps of a request that carried guesses
+    spec_num_draft_tokens: int = 0  # guesses verified
+    spec_num_accepted_tokens: int = 0  # guesses the model agreed with
 
     @property
     def prefix_hit_rate(self) -> float:
         return self.prefix_hit_blocks / self.prefix_queried_blocks if self.prefix_queried_blocks else 0.0
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_num_accepted_tokens / self.spec_num_draft_tokens if self.spec_num_draft_tokens else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens a speculating request gains per step: its accepted guesses plus the one it samples."""
+        return 1.0 + self.spec_num_accepted_tokens / self.spec_num_drafts if self.spec_num_drafts else 0.0
 
 
 class EngineCore:
@@ -93,6 +107,13 @@ class EngineCore:
         self.finished_since_step: list[str] = []
         self.pending_outputs: list[RequestOutput] = []  # aborts, reported by the next step
         self.stats = EngineStats(num_kv_blocks=num_blocks)
+        spec = config.speculative
+        self.spec_policy = SpeculationPolicy(spec)
+        self.proposer = None
+        if spec.method == "ngram":
+            self.proposer = NgramProposer(spec)
+        elif spec.method == "draft":
+            self.proposer = DraftProposer(spec, executor, self.kv)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -184,47 +205,91 @@ class EngineCore:
         k = 0
         for chunk, sampled in zip(sched.chunks, samples, strict=True):
             request = chunk.request
-            request.num_computed_tokens += chunk.num_tokens
             self.stats.num_computed_tokens += chunk.num_tokens
-            self.kv.cache_computed_blocks(request)
-            if sampled:
-                token, logprobs = result.sampled_token_ids[k], result.logprobs[k]
-                k += 1
-                if request.num_forks_pending:
-                    self._fork(request)
-                outputs.append(self._on_token(request, token, logprobs))
+            request.spec_token_ids = []
+            if not sampled:
+                request.num_computed_tokens += chunk.num_tokens
+                self.kv.cache_computed_blocks(request)
+                continue
+            tokens, logprobs = result.sampled_token_ids[k], result.logprobs[k]
+            k += 1
+            accepted = len(tokens) - 1  # guesses the model agreed with (their K/V is now valid)
+            request.num_computed_tokens += chunk.num_tokens - chunk.num_spec + accepted
+            if chunk.num_spec:
+                self._count_verified(request, chunk.num_spec, accepted)
+            if request.num_forks_pending:
+                self._fork(request)
+            outputs.append(self._on_tokens(request, tokens, logprobs))
+            self.kv.cache_computed_blocks(request)  # after the accepted guesses joined the output
         self.stats.num_steps += 1
+        if self.proposer is not None:
+            self._propose()
         self._update_gauges()
         return [o for o in outputs if o is not None]
+
+    def _count_verified(self, request: Request, num_spec: int, accepted: int) -> None:
+        s = self.stats
+        s.spec_num_drafts += 1
+        s.spec_num_draft_tokens += num_spec
+        s.spec_num_accepted_tokens += accepted
+        self.proposer.on_verified(request, num_spec, accepted)
+
+    def _propose(self) -> None:
+        """Guesses for the next step, for the decoding requests the policy lets speculate."""
+        running = self.scheduler.running
+        ks = [self.spec_policy.num_tokens(r, len(running)) for r in running]
+        chosen = [(r, k) for r, k in zip(running, ks, strict=True) if k > 0]
+        if not chosen:
+            return
+        proposals = self.proposer.propose([r for r, _ in chosen], [k for _, k in chosen])
+        for (request, _), guesses in zip(chosen, proposals, strict=True):
+            request.spec_token_ids = guesses
 
     def _step_request(self, chunk: ScheduledChunk, samples: bool) -> StepRequest:
         r = chunk.request
         start = r.num_computed_tokens
-        spec = None
-        if samples:
-            suppressed = ()
-            if len(r.output_token_ids) < r.params.min_tokens:
-                suppressed = tuple(r.params.stop_token_ids) + (() if r.params.ignore_eos else r.eos_token_ids)
-            spec = SampleSpec(r.params, r.prompt_token_ids, r.output_token_ids, suppressed)
-        return StepRequest(r.request_id, r.tokens(start, start + chunk.num_tokens), start, chunk.block_ids, spec)
+        end = start + chunk.num_tokens - chunk.num_spec
+        guesses = r.spec_token_ids[: chunk.num_spec]
+        specs = []
+        if samples:  # one per position that samples: after the last token and after each guess
+            specs = [self._sample_spec(r, guesses[:j]) for j in range(chunk.num_spec + 1)]
+        return StepRequest(r.request_id, r.tokens(start, end) + guesses, start, chunk.block_ids, specs, chunk.num_spec)
 
-    def _on_token(self, request: Request, token: int, logprobs: TokenLogprobs | None) -> RequestOutput | None:
+    @staticmethod
+    def _sample_spec(r: Request, guesses: list[int]) -> SampleSpec:
+        """How to sample the token after the request's tokens and the given guesses."""
+        output = r.output_token_ids + guesses if guesses else r.output_token_ids
+        suppressed = ()
+        if len(output) < r.params.min_tokens:
+            suppressed = tuple(r.params.stop_token_ids) + (() if r.params.ignore_eos else r.eos_token_ids)
+        return SampleSpec(r.params, r.prompt_token_ids, output, suppressed)
+
+    def _on_tokens(
+        self, request: Request, tokens: list[int], logprobs: list[TokenLogprobs] | None
+    ) -> RequestOutput | None:
+        """Append the step's tokens one by one until one ends the request; one delta for all of them."""
         if request.is_finished:
             return None
-        request.output_token_ids.append(token)
-        self.stats.num_generated_tokens += 1
         if request.first_token_s is None:
             request.first_token_s = time.monotonic()
         params = request.params
         detok = self.detokenizers[request.request_id]
-        num_out = len(request.output_token_ids)
-        if token in params.stop_token_ids or (not params.ignore_eos and token in request.eos_token_ids):
-            self._finish(request, FinishReason.STOP, stop_reason=token if token in params.stop_token_ids else None)
-        elif detok.add_token(token, check_stops=num_out >= params.min_tokens):
-            self._finish(request, FinishReason.STOP, stop_reason=detok.stop_reason)
-        elif num_out >= request.max_output_tokens:
-            self._finish(request, FinishReason.LENGTH)
-        out = self._output(request, [token], [logprobs] if logprobs is not None else None)
+        taken = 0
+        for token in tokens:
+            request.output_token_ids.append(token)
+            taken += 1
+            num_out = len(request.output_token_ids)
+            if token in params.stop_token_ids or (not params.ignore_eos and token in request.eos_token_ids):
+                stop_token = token if token in params.stop_token_ids else None
+                self._finish(request, FinishReason.STOP, stop_reason=stop_token)
+            elif detok.add_token(token, check_stops=num_out >= params.min_tokens):
+                self._finish(request, FinishReason.STOP, stop_reason=detok.stop_reason)
+            elif num_out >= request.max_output_tokens:
+                self._finish(request, FinishReason.LENGTH)
+            if request.is_finished:
+                break
+        self.stats.num_generated_tokens += taken
+        out = self._output(request, tokens[:taken], logprobs[:taken] if logprobs is not None else None)
         if request.is_finished:
             self._maybe_forget_group(request)
         return out
@@ -282,6 +347,8 @@ class EngineCore:
             self.index_of.pop(r.request_id, None)
             self.detokenizers.pop(r.request_id, None)
             self.pending_forks.pop(r.request_id, None)
+            if self.proposer is not None:
+                self.proposer.drop(r.request_id)
 
     def _update_gauges(self) -> None:
         s = self.stats
@@ -290,3 +357,4 @@ class EngineCore:
         s.num_preemptions = self.scheduler.num_preemptions
         s.prefix_queried_blocks = self.kv.stats.num_queried_blocks
         s.prefix_hit_blocks = self.kv.stats.num_hit_blocks
+        s.num_running_speculating = sum(1 for r in self.scheduler.running if r.spec_token_ids)

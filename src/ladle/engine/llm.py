@@ -10,7 +10,7 @@ import itertools
 import logging
 from collections.abc import Sequence
 
-from ladle.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from ladle.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from ladle.engine.core import EngineCore, EngineInfo
 from ladle.engine.outputs import GenerationResult
 from ladle.sample.params import SamplingParams
@@ -38,15 +38,17 @@ def build_engine(config: EngineConfig, loaded=None) -> EngineCore:
         )
     bs = config.cache.block_size
     max_len = min(loaded.max_model_len, mc.max_model_len or loaded.max_model_len)
+    draft = load_draft(config, loaded, max_len) if config.speculative.method == "draft" else None
+    bytes_per_block = KVCache.bytes_per_block(loaded, bs) + (KVCache.bytes_per_block(draft, bs) if draft else 0)
     blocks = num_kv_blocks(
-        KVCache.bytes_per_block(loaded, bs),
+        bytes_per_block,
         bs,
         loaded.device,
         config.cache.kv_cache_memory_gib,
         max_len,
         config.scheduler.max_num_seqs,
     )
-    runner = ModelRunner(loaded, num_blocks=blocks, block_size=bs, seed=config.seed)
+    runner = ModelRunner(loaded, num_blocks=blocks, block_size=bs, seed=config.seed, draft=draft)
     log.info("KV cache: %d blocks of %d tokens (%d tokens)", blocks, bs, blocks * bs)
     info = EngineInfo(
         model_name=loaded.source.name,
@@ -59,6 +61,37 @@ def build_engine(config: EngineConfig, loaded=None) -> EngineCore:
         quantization=loaded.quantization,
     )
     return EngineCore(config, runner, loaded.tokenizer, max_len, blocks, loaded.source.name, info)
+
+
+def load_draft(config: EngineConfig, target, max_len: int):
+    """The draft model of `--speculative draft`, checked against the target at startup: same
+    vocabulary (token for token), context at least max_len. Same dtype, device and attention."""
+    from ladle.errors import LadleError
+    from ladle.model.loader import load_model
+    from ladle.model.source import resolve_model
+
+    path = config.speculative.draft_model
+    source = resolve_model(path)
+    draft = load_model(source, config.model.dtype, config.model.device, config.model.attention_backend)
+    t_vocab = target.tokenizer.backend.get_vocab(with_added_tokens=True)
+    d_vocab = draft.tokenizer.backend.get_vocab(with_added_tokens=True)
+    if t_vocab != d_vocab:
+        differ = sorted(set(t_vocab.items()) ^ set(d_vocab.items()), key=lambda kv: kv[1])[:3]
+        raise LadleError(
+            f"draft model {path} has a different tokenizer: {len(d_vocab)} tokens against the target's "
+            f"{len(t_vocab)}, first differences {differ}. Use a draft of the same model family."
+        )
+    if draft.spec.vocab_size != target.spec.vocab_size:
+        raise LadleError(
+            f"draft model {path} has {draft.spec.vocab_size} output rows, the target {target.spec.vocab_size}: "
+            "the vocabularies must be the same size"
+        )
+    if draft.max_model_len < max_len:
+        raise LadleError(
+            f"draft model {path} handles {draft.max_model_len} tokens of context, fewer than the target's "
+            f"{max_len}: lower --max-model-len"
+        )
+    return draft
 
 
 class LLM:
@@ -78,6 +111,7 @@ class LLM:
         max_num_seqs: int = 64,
         policy: str = "fcfs",
         seed: int = 0,
+        speculative: SpeculativeConfig | None = None,
         config: EngineConfig | None = None,
         loaded=None,
     ):
@@ -91,6 +125,7 @@ class LLM:
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, policy=policy
             ),
+            speculative=speculative or SpeculativeConfig(),
             seed=seed,
         )
         self.engine = build_engine(self.config, loaded)

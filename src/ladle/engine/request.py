@@ -42,6 +42,8 @@ class Request:
     first_token_s: float | None = None  # when its first output token was sampled
     parent_id: str | None = None  # for the 2nd..nth sample of an n > 1 request: the first sample
     num_forks_pending: int = 0  # samples waiting to share this request's prompt blocks
+    spec_token_ids: list[int] = field(default_factory=list)  # guessed next tokens, checked by the next step
+    num_draft_computed: int = 0  # leading tokens whose K/V the draft model holds (draft speculation)
 
     @property
     def num_tokens(self) -> int:

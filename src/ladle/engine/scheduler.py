@@ -8,7 +8,9 @@ several steps. When the KV cache runs out, the lowest-priority (under FCFS: the 
 request is preempted: its blocks are freed and it goes back to the queue to be recomputed later.
 
 The output of a step is, per request, the number of tokens to compute: prefill, chunked prefill
-and decode look the same.
+and decode look the same. A decode that carries speculative guesses (`request.spec_token_ids`)
+computes its last token and the guesses in one chunk; the guesses get blocks and budget only when
+they are free (a guess never preempts anyone: it is dropped instead).
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ class ScheduledChunk:
     request: Request  # who computes
     num_tokens: int  # how many of its tokens, from request.num_computed_tokens on
     block_ids: list[int]  # its block table after allocation
+    num_spec: int = 0  # of num_tokens, speculative guesses after the request's last token
 
     @property
     def samples(self) -> bool:
         """The chunk reaches the request's last known token, so the step samples its next one."""
-        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+        return self.request.num_computed_tokens + self.num_tokens - self.num_spec == self.request.num_tokens
 
 
 @dataclass
@@ -94,15 +97,24 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING or budget <= 0:
                 continue  # preempted earlier in this loop, or out of budget
             num = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num, scheduled, out):
+            num_spec = self._fit_guesses(request, budget) if num == 1 else 0
+            if not self._allocate_or_preempt(request, num + num_spec, scheduled, out):
                 continue
-            budget -= num
-            scheduled[request.request_id] = ScheduledChunk(request, num, self.kv.block_ids(request.request_id))
+            budget -= num + num_spec
+            chunk = ScheduledChunk(request, num + num_spec, self.kv.block_ids(request.request_id), num_spec)
+            scheduled[request.request_id] = chunk
         if not out.preempted:  # memory is short: admit nobody new this step
             budget = self._admit_waiting(budget, scheduled, out)
         out.chunks = list(scheduled.values())
         out.num_batched_tokens = sum(c.num_tokens for c in out.chunks)
         return out
+
+    def _fit_guesses(self, request: Request, budget: int) -> int:
+        """Guesses of a decoding request that fit in the budget and in free blocks (0 if none)."""
+        num_spec = min(len(request.spec_token_ids), budget - 1)
+        if num_spec > 0 and not self.kv.allocate(request, 1 + num_spec):
+            num_spec = 0
+        return max(num_spec, 0)
 
     def _allocate_or_preempt(self, request, num, scheduled, out) -> bool:
         """Allocate blocks for `num` more tokens, preempting others until it fits. False when the
@@ -123,7 +135,8 @@ class Scheduler:
         self.running.remove(victim)
         scheduled.pop(victim.request_id, None)
         self.kv.free(victim)
-        victim.num_computed_tokens = 0
+        victim.num_computed_tokens = victim.num_draft_computed = 0
+        victim.spec_token_ids = []
         victim.num_preemptions += 1
         self.num_preemptions += 1
         out.preempted.append(victim)

@@ -94,6 +94,16 @@ class EngineCollector:
             ("ladle_num_requests_running", "Requests computing now.", s.num_running),
             ("ladle_num_requests_waiting", "Requests queued (preempted ones included).", s.num_waiting),
             ("ladle_kv_cache_usage_perc", "Share of KV-cache blocks held by requests (0..1).", s.kv_usage),
+            (
+                "ladle_spec_decode_acceptance_rate",
+                "Speculative guesses the model agreed with, as a share of those verified (since start).",
+                s.spec_acceptance_rate,
+            ),
+            (
+                "ladle_spec_decode_mean_accepted_length",
+                "Tokens a speculating request gains per step: accepted guesses + 1 (since start; 0 before any).",
+                s.spec_mean_accepted_length,
+            ),
         ):
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric(label, value)
@@ -114,6 +124,17 @@ class EngineCollector:
                 "ladle_computed_tokens",
                 "Tokens run through the model (prompts, recomputation, decodes).",
                 s.num_computed_tokens,
+            ),
+            ("ladle_spec_decode_num_drafts", "Request steps that verified speculative guesses.", s.spec_num_drafts),
+            (
+                "ladle_spec_decode_num_draft_tokens",
+                "Speculative guesses proposed and verified.",
+                s.spec_num_draft_tokens,
+            ),
+            (
+                "ladle_spec_decode_num_accepted_tokens",
+                "Speculative guesses the model agreed with.",
+                s.spec_num_accepted_tokens,
             ),
         ):
             c = CounterMetricFamily(name, doc, labels=["model_name"])

@@ -13,8 +13,9 @@ import torch
 
 from ladle.model.attention import AttentionMetadata, PrefillChunk
 from ladle.model.loader import LoadedModel
-from ladle.runner.step import StepBatch, StepResult
-from ladle.sample.sampler import Sampler
+from ladle.runner.step import DraftRequest, StepBatch, StepResult
+from ladle.sample.params import SampleSpec
+from ladle.sample.sampler import SampleGroup, Sampler
 
 
 @dataclass
@@ -22,7 +23,7 @@ class StepChunk:
     token_ids: list[int]  # tokens of the request computed in this step
     num_computed: int  # tokens of the request already in the KV cache (= position of token_ids[0])
     block_table: list[int]  # the request's KV blocks, covering num_computed + len(token_ids)
-    needs_logits: bool = True  # the step ends at a position that samples (last prompt chunk, decode)
+    num_logits: int = 1  # logits for the last this-many positions (0: a prompt chunk that samples nothing)
 
 
 class KVCache:
@@ -46,7 +47,14 @@ class KVCache:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int = 16, seed: int = 0):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        num_blocks: int,
+        block_size: int = 16,
+        seed: int = 0,
+        draft: LoadedModel | None = None,
+    ):
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
@@ -54,36 +62,77 @@ class ModelRunner:
         self.kv_cache = KVCache(loaded, num_blocks, block_size)
         self.sampler = Sampler(seed)
         self.generators: dict[str, torch.Generator] = {}  # request id → its seeded generator
+        # speculative decoding with a draft model: its own runner and KV cache, under the same block
+        # ids as ours; the distributions its guesses were drawn from wait here for the verification
+        self.drafter = ModelRunner(draft, num_blocks, block_size) if draft is not None else None
+        self.guess_probs: dict[str, torch.Tensor] = {}  # request id → [K, V]
 
     @torch.inference_mode()
     def execute_step(self, batch: StepBatch) -> StepResult:
-        """One engine step: forward every scheduled token, sample the requests that sample."""
+        """One engine step: forward every scheduled token, sample (and verify) the requests that sample."""
         for request_id in batch.finished_request_ids:
             self.generators.pop(request_id, None)
+            self.guess_probs.pop(request_id, None)
         chunks = [
-            StepChunk(r.token_ids, r.num_computed, r.block_ids, needs_logits=r.sample is not None)
-            for r in batch.requests
+            StepChunk(r.token_ids, r.num_computed, r.block_ids, num_logits=len(r.samples)) for r in batch.requests
         ]
-        sampling = [r for r in batch.requests if r.sample is not None]
-        if not sampling:
-            self.execute(chunks)
-            return StepResult([], [])
+        sampling = [r for r in batch.requests if r.samples]
         logits = self.execute(chunks)
-        out = self.sampler(logits, [r.sample for r in sampling], [self._generator(r) for r in sampling])
-        return StepResult(out.token_ids.tolist(), out.logprobs)  # the step's one device-to-host copy
+        if not sampling:
+            return StepResult([], [])
+        groups = []
+        for r in sampling:
+            probs = self.guess_probs.pop(r.request_id, None)
+            guesses = r.token_ids[len(r.token_ids) - r.num_spec :] if r.num_spec else []
+            groups.append(
+                SampleGroup(
+                    r.samples,
+                    guesses,
+                    probs[: r.num_spec] if probs is not None and guesses else None,
+                    self._generator(r.request_id, r.samples[0].params.seed),
+                )
+            )
+        tokens, logprobs = self.sampler.sample(logits, groups)
+        return StepResult(tokens, logprobs)
 
-    def _generator(self, request) -> torch.Generator | None:
-        seed = request.sample.params.seed
+    @torch.inference_mode()
+    def propose(self, asks: list[DraftRequest]) -> list[list[int]]:
+        """k guesses per request from the draft model: catch its KV cache up on the request's tokens,
+        then run single-token steps. Sampled requests draw their guesses from the draft's
+        distribution (kept for the verification); greedy ones take its argmax."""
+        drafter = self.drafter
+        guesses: list[list[int]] = [[] for _ in asks]
+        probs: list[list[torch.Tensor]] = [[] for _ in asks]
+        chunks = [StepChunk(a.token_ids, a.num_computed, a.block_ids) for a in asks]
+        live = list(range(len(asks)))
+        while live:
+            logits = drafter.execute([chunks[i] for i in live])
+            specs = [SampleSpec(asks[i].params, [], guesses[i]) for i in live]
+            gens = [self._generator(asks[i].request_id, asks[i].params.seed) for i in live]
+            out = self.sampler(logits, specs, gens, want_probs=True)
+            for row, (i, token) in enumerate(zip(live, out.token_ids.tolist(), strict=True)):
+                guesses[i].append(token)
+                if out.probs is not None and not asks[i].params.is_greedy:
+                    probs[i].append(out.probs[row])
+                position = chunks[i].num_computed + len(chunks[i].token_ids)
+                chunks[i] = StepChunk([token], position, asks[i].block_ids)
+            live = [i for i in live if len(guesses[i]) < asks[i].k]
+        for a, p in zip(asks, probs, strict=True):
+            if p:
+                self.guess_probs[a.request_id] = torch.stack(p)
+        return guesses
+
+    def _generator(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
             return None
-        g = self.generators.get(request.request_id)
+        g = self.generators.get(request_id)
         if g is None:
-            g = self.generators[request.request_id] = torch.Generator(self.device).manual_seed(seed)
+            g = self.generators[request_id] = torch.Generator(self.device).manual_seed(seed)
         return g
 
     @torch.inference_mode()
     def execute(self, chunks: list[StepChunk]) -> torch.Tensor:
-        """Run one step. Returns float32 logits [N, vocab], one row per chunk with needs_logits,
+        """Run one step. Returns float32 logits [N, vocab]: each chunk's last num_logits positions,
         in the order of `chunks`."""
         input_ids, positions, meta, logit_rows = self.prepare(chunks)
         hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
@@ -98,7 +147,7 @@ class ModelRunner:
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
-        last_row: dict[int, int] = {}
+        last_row: list[int] = [0] * len(chunks)
         prefills: list[PrefillChunk] = []
         bs = self.block_size
         for rank, i in enumerate(order):
@@ -122,7 +171,8 @@ class ModelRunner:
         )
         if num_decodes:
             self._decode_meta(meta, [chunks[i] for i in order[:num_decodes]])
-        logit_rows = self._tensor([last_row[i] for i, c in enumerate(chunks) if c.needs_logits])
+        rows = [r for i, c in enumerate(chunks) for r in range(last_row[i] - c.num_logits + 1, last_row[i] + 1)]
+        logit_rows = self._tensor(rows)
         return self._tensor(ids), self._tensor(pos), meta, logit_rows
 
     def _decode_meta(self, meta: AttentionMetadata, decodes: list[StepChunk]) -> None:

@@ -5,18 +5,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ladle.sample.params import SampleSpec, TokenLogprobs
+from ladle.sample.params import SampleSpec, SamplingParams, TokenLogprobs
 
-__all__ = ["SampleSpec", "StepBatch", "StepRequest", "StepResult", "TokenLogprobs"]
+__all__ = ["DraftRequest", "SampleSpec", "StepBatch", "StepRequest", "StepResult", "TokenLogprobs"]
 
 
 @dataclass
 class StepRequest:
     request_id: str  # keys per-request state in the runner (its seeded generator)
-    token_ids: list[int]  # tokens computed this step
+    token_ids: list[int]  # tokens computed this step (the last num_spec of them are guesses)
     num_computed: int  # tokens of the request already in the KV cache
     block_ids: list[int]  # its block table, covering num_computed + len(token_ids)
-    sample: SampleSpec | None  # set when this step samples the request's next token
+    # empty when this step does not sample the request; else one per position that samples: the
+    # request's next token, and with num_spec guesses the token after each guess (1 + num_spec)
+    samples: list[SampleSpec] = field(default_factory=list)
+    num_spec: int = 0  # speculative tokens at the end of token_ids, to verify
+
+    @property
+    def sample(self) -> SampleSpec | None:
+        return self.samples[0] if self.samples else None
 
 
 @dataclass
@@ -27,5 +34,20 @@ class StepBatch:
 
 @dataclass
 class StepResult:
-    sampled_token_ids: list[int]  # one per request with a SampleSpec, in batch order
-    logprobs: list[TokenLogprobs | None]  # aligned with sampled_token_ids
+    # per request that samples, in batch order: the accepted guesses, then the one token sampled
+    # after them (a single token without speculation)
+    sampled_token_ids: list[list[int]]
+    logprobs: list[list[TokenLogprobs] | None]  # aligned with sampled_token_ids
+
+
+@dataclass
+class DraftRequest:
+    """Ask the draft model for k guesses: compute `token_ids` (its K/V is missing from the draft's
+    cache; the last one is the request's newest token) from position num_computed on, then draft."""
+
+    request_id: str
+    token_ids: list[int]
+    num_computed: int
+    block_ids: list[int]  # the request's block table, covering num_computed + len(token_ids) + k - 1
+    k: int
+    params: SamplingParams

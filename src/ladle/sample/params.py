@@ -33,6 +33,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False  # keep the matched stop string in the text
     logprobs: int | None = None  # None = none; k = the chosen token's logprob plus the k best
     skip_special_tokens: bool = True  # leave control tokens out of the text
+    speculative: bool = True  # False: never speculate for this request (when the server does)
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -7,11 +7,20 @@ the argmax; the others are scaled by temperature, filtered by min_p, top_k and t
 A draw is argmax(p / q) with q ~ Exp(1) per token (the exponential race, equivalent to drawing
 from p). A request with a seed draws its q from its own generator, so its text does not depend on
 what else is in the batch; the others share the engine's generator.
+
+Speculative decoding (`sample` with guesses): row j of a request holds the model's distribution
+p_j after its j-th guess g_j. Greedy requests keep the guesses while they equal the argmax and
+then take the argmax: token for token what plain greedy decoding gives. Sampled requests use
+rejection sampling (Leviathan et al., Chen et al. 2023): g_j is kept with probability
+min(1, p_j(g_j) / q_j(g_j)), where q_j is the proposer's distribution (a point mass for n-gram
+guesses); at the first rejection the token is drawn from max(p_j - q_j, 0), renormalised, and
+when every guess is kept one more token is drawn from p_K. Each emitted token is then distributed
+exactly as under plain sampling.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +31,17 @@ from ladle.sample.params import SampleSpec, TokenLogprobs
 class SamplerOutput:
     token_ids: torch.Tensor  # [R] int64
     logprobs: list[TokenLogprobs | None]  # per row, None where not asked
+    probs: torch.Tensor | None = None  # [R, V] what sampled rows were drawn from (want_probs); greedy rows 0
+
+
+@dataclass
+class SampleGroup:
+    """One request's rows in a step: a single row, or with K guesses the K + 1 rows that check them."""
+
+    specs: list[SampleSpec]  # one per row
+    guesses: list[int] = field(default_factory=list)  # row j checks guesses[j]
+    guess_probs: torch.Tensor | None = None  # [K, V] the proposer's distributions; None = point masses
+    generator: torch.Generator | None = None  # the request's own (seeded) generator
 
 
 class Sampler:
@@ -33,7 +53,9 @@ class Sampler:
         logits: torch.Tensor,  # [R, V] float32
         specs: list[SampleSpec],
         generators: list[torch.Generator | None],  # per row: its own (seeded) generator or None
+        want_probs: bool = False,  # also return the distributions sampled rows were drawn from
     ) -> SamplerOutput:
+        """One token per row, each row on its own."""
         raw_logprobs = None
         if any(s.params.logprobs is not None for s in specs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
@@ -47,9 +69,82 @@ class Sampler:
         drawn = [i for i, s in enumerate(specs) if not s.params.is_greedy]
         if greedy:
             tokens[greedy] = logits[greedy].argmax(dim=-1)
-        if drawn:
-            tokens[drawn] = self._draw(logits[drawn], [specs[i] for i in drawn], [generators[i] for i in drawn])
-        return SamplerOutput(tokens, self._logprobs(raw_logprobs, tokens, specs))
+        probs = self._probs(logits[drawn], [specs[i] for i in drawn])
+        tokens[drawn] = self._race(probs, [generators[i] for i in drawn])
+        all_probs = None
+        if want_probs:
+            all_probs = torch.zeros_like(logits)
+            all_probs[drawn] = probs
+        return SamplerOutput(tokens, self._logprobs(raw_logprobs, tokens, specs), all_probs)
+
+    def sample(self, logits: torch.Tensor, groups: list[SampleGroup]):
+        """The tokens of each group (guesses kept, then one sampled token) and their logprobs (or None
+        per group). `logits` holds the groups' rows one after the other."""
+        specs = [s for g in groups for s in g.specs]
+        if not any(g.guesses for g in groups):  # no speculation in this step: one row each
+            out = self(logits, specs, [g.generator for g in groups])
+            tokens = out.token_ids.tolist()  # the step's one device-to-host copy
+            return [[t] for t in tokens], [None if lp is None else [lp] for lp in out.logprobs]
+        raw_logprobs = None
+        if any(s.params.logprobs is not None for s in specs):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        if any(s.params.logit_bias or s.suppressed_token_ids or s.params.uses_penalties for s in specs):
+            logits = self._adjust(logits.clone(), specs)
+        greedy = [i for i, s in enumerate(specs) if s.params.is_greedy]
+        argmax = dict(zip(greedy, logits[greedy].argmax(dim=-1).tolist(), strict=True)) if greedy else {}
+        drawn = [i for i, s in enumerate(specs) if not s.params.is_greedy]
+        probs = self._probs(logits[drawn], [specs[i] for i in drawn]) if drawn else None
+        prob_row = {row: i for i, row in enumerate(drawn)}
+        results: list[list[int]] = []
+        first = 0
+        for g in groups:
+            rows = range(first, first + len(g.specs))
+            first += len(g.specs)
+            if g.specs[0].params.is_greedy:
+                results.append(_verify_greedy([argmax[r] for r in rows], g.guesses))
+            else:
+                p = probs[[prob_row[r] for r in rows]]
+                results.append(self._verify_drawn(p, g))
+        logprobs: list[list[TokenLogprobs] | None] = [None] * len(groups)
+        if raw_logprobs is not None:
+            first, rows, chosen, row_specs, owners = 0, [], [], [], []
+            for gi, (g, toks) in enumerate(zip(groups, results, strict=True)):
+                if g.specs[0].params.logprobs is not None:
+                    rows += range(first, first + len(toks))
+                    chosen += toks
+                    row_specs += g.specs[: len(toks)]
+                    owners += [gi] * len(toks)
+                first += len(g.specs)
+            flat = self._logprobs(raw_logprobs[rows], torch.tensor(chosen, device=logits.device), row_specs)
+            for gi, lp in zip(owners, flat, strict=True):
+                logprobs[gi] = (logprobs[gi] or []) + [lp]
+        return results, logprobs
+
+    def _verify_drawn(self, p: torch.Tensor, g: SampleGroup) -> list[int]:
+        """Rejection sampling of one request's guesses against p [K+1, V]."""
+        k = len(g.guesses)
+        if not k:
+            return self._race(p, [g.generator]).tolist()
+        guesses = torch.tensor(g.guesses, device=p.device)
+        p_guess = p[:k].gather(1, guesses[:, None])[:, 0]
+        q_guess = (
+            torch.ones_like(p_guess) if g.guess_probs is None else g.guess_probs[:k].gather(1, guesses[:, None])[:, 0]
+        )
+        u = torch.rand(k, device=p.device, generator=g.generator or self.generator)
+        kept = (u * q_guess < p_guess).tolist()  # u < p/q, without dividing by q
+        accepted = kept.index(False) if False in kept else k
+        if accepted == k:  # every guess kept: one more token from the last row
+            last = self._race(p[k : k + 1], [g.generator])
+            return g.guesses + last.tolist()
+        row = p[accepted]
+        if g.guess_probs is None:  # point mass: max(p - q, 0) is p without the guessed token
+            residual = row.clone()
+            residual[g.guesses[accepted]] = 0
+        else:
+            residual = (row - g.guess_probs[accepted]).clamp_min_(0)
+        if residual.sum() <= 0:  # p == q: a rejection has probability 0; never divide by nothing
+            residual = row
+        return g.guesses[:accepted] + self._race(residual[None], [g.generator]).tolist()
 
     # -- logit processing ------------------------------------------------------------------------
 
@@ -89,7 +184,8 @@ class Sampler:
 
     # -- drawing ------------------------------------------------------------------------------
 
-    def _draw(self, logits: torch.Tensor, specs: list[SampleSpec], generators) -> torch.Tensor:
+    def _probs(self, logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
+        """The distribution a sampled row draws from: temperature, then min_p, top_k and top_p."""
         device = logits.device
         temperature = torch.tensor([s.params.temperature for s in specs], device=device)[:, None]
         logits = logits / temperature
@@ -102,7 +198,11 @@ class Sampler:
         top_p = [s.params.top_p for s in specs]
         if any(top_k) or any(p < 1 for p in top_p):
             logits = _top_k_top_p(logits, top_k, top_p)
-        probs = torch.softmax(logits, dim=-1)
+        return torch.softmax(logits, dim=-1)
+
+    def _race(self, probs: torch.Tensor, generators) -> torch.Tensor:
+        """One draw per row of (unnormalised) probabilities: argmax(p / q), q ~ Exp(1)."""
+        device = probs.device
         q = torch.empty_like(probs)
         shared = [i for i, g in enumerate(generators) if g is None]
         if shared:
@@ -128,6 +228,14 @@ class Sampler:
             top = list(zip(top_ids[i, :k].tolist(), top_vals[i, :k].tolist(), strict=True)) if k else []
             out.append(TokenLogprobs(chosen[i], top))
         return out
+
+
+def _verify_greedy(argmax: list[int], guesses: list[int]) -> list[int]:
+    """Keep the guesses while they are what greedy decoding picks, then take its pick."""
+    accepted = 0
+    while accepted < len(guesses) and guesses[accepted] == argmax[accepted]:
+        accepted += 1
+    return guesses[:accepted] + [argmax[accepted]]
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

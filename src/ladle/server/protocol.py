@@ -43,6 +43,8 @@ class SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     priority: int = 0
     cache_salt: str | None = None
+    # Ladle's: false = no speculative decoding for this request (when the server speculates)
+    speculative: bool = True
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         bias = {}
@@ -70,6 +72,7 @@ class SamplingFields(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            speculative=self.speculative,
         )
 
     @property
