@@ -302,7 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bs.add_argument("--served-model-name", default=None, metavar="NAME", help="model name to send, if different")
     bs.add_argument("--api-key", default=None)
-    bs.add_argument("--dataset", choices=["random", "shared-prefix", "chat"], default="random")
+    from ladle.bench.serve import DATASETS
+
+    bs.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="random",
+        help="random token ids; shared-prefix; chat (mixed lengths); editing (repeat a code file of --input-len)",
+    )
     bs.add_argument("--num-prompts", type=int, default=128, metavar="N")
     bs.add_argument("--input-len", type=int, default=256, metavar="N", help="prompt tokens (mean for chat)")
     bs.add_argument("--output-len", type=int, default=128, metavar="N", help="output tokens (mean for chat)")

@@ -3,7 +3,10 @@
 Works against any server that speaks the OpenAI API (Ladle, vLLM, llama.cpp's server), so peers
 are measured with the same tool. Prompts are generated locally: random token ids of given
 lengths (sent to /v1/completions, so every server sees exactly the same tokens), prompts sharing
-a prefix, or a chat-like mix of lengths (sent to /v1/chat/completions).
+a prefix, a chat-like mix of lengths, or editing requests (a code file and the request to repeat
+it with a small change, the workload where speculative decoding shines), sent to /v1/chat/completions.
+Where the server exports speculative-decoding counters on /metrics (Ladle's or vLLM's), the summary
+gives the acceptance of the run.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from pathlib import Path
 
 from ladle.bench.http_client import Endpoint, HTTPStatusError, post_json
 
-DATASETS = ("random", "shared-prefix", "chat")
+DATASETS = ("random", "shared-prefix", "chat", "editing")
+EDIT_INSTRUCTION = (
+    "Add the comment line `# reviewed` at the top of this file and repeat the whole file unchanged below it."
+)
 
 
 @dataclass
@@ -72,6 +78,14 @@ def build_dataset(args, tokenizer) -> list[BenchRequest]:
         for _ in range(args.num_prompts):
             n = length(args.input_len)
             out.append(BenchRequest(prefix + tokens(n), None, args.prefix_len + n, length(args.output_len)))
+    elif args.dataset == "editing":
+        files = code_files(tokenizer, args.input_len)
+        for i in range(args.num_prompts):
+            code = files[i % len(files)]
+            text = f"{EDIT_INSTRUCTION}\n\n```python\n{code}```"
+            out.append(
+                BenchRequest(None, [{"role": "user", "content": text}], len(tokenizer.encode(text)), args.output_len)
+            )
     else:  # chat: prompt and answer lengths spread like conversations (log-normal, clipped)
         words = [w for w in (tokenizer.decode([t]).strip() for t in rng.sample(vocab, 2000)) if w.isalpha()]
         for _ in range(args.num_prompts):
@@ -80,6 +94,56 @@ def build_dataset(args, tokenizer) -> list[BenchRequest]:
             n_out = int(min(max(rng.lognormvariate(math.log(args.output_len), 0.6), 8), args.output_len * 3))
             out.append(BenchRequest(None, [{"role": "user", "content": text}], len(tokenizer.encode(text)), n_out))
     return out
+
+
+def code_files(tokenizer, num_tokens: int) -> list[str]:
+    """Ladle's own Python sources, each cut at a line end to about num_tokens tokens, longest first."""
+    root = Path(__file__).resolve().parents[1]
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        lines, kept, used = path.read_text().splitlines(keepends=True), [], 0
+        for line in lines:
+            used += len(tokenizer.encode(line, add_special_tokens=False))
+            if used > num_tokens:
+                break
+            kept.append(line)
+        if used > num_tokens:  # only files at least that long: every prompt has the asked length
+            files.append("".join(kept))
+    if not files:
+        raise ValueError(f"no source file has {num_tokens} tokens: lower --input-len")
+    return files
+
+
+def spec_counters(base_url: str) -> dict[str, float] | None:
+    """Speculative-decoding counters from the server's /metrics, summed over models (None: none)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = base_url.rstrip("/").removesuffix("/v1") + "/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+    except (OSError, ValueError):
+        return None
+    counters: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+                if sample.name.endswith(f"spec_decode_{key}_total"):
+                    counters[key] = counters.get(key, 0.0) + sample.value
+    return counters or None
+
+
+def speculation_summary(before: dict | None, after: dict | None) -> dict | None:
+    if not before or not after:
+        return None
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")}
+    return {
+        **d,
+        "acceptance_rate": d["num_accepted_tokens"] / d["num_draft_tokens"] if d["num_draft_tokens"] else None,
+        "mean_accepted_length": 1 + d["num_accepted_tokens"] / d["num_drafts"] if d["num_drafts"] else None,
+    }
 
 
 # -- load --------------------------------------------------------------------------------------------
@@ -239,6 +303,12 @@ def print_summary(label: str, load: str, s: dict) -> None:
     )
     for name in ("ttft", "tpot", "itl", "e2e"):
         print(row(name, s[name]))
+    spec = s.get("speculation")
+    if spec and spec["num_draft_tokens"]:
+        print(
+            f"  speculation: {spec['num_accepted_tokens']:.0f} of {spec['num_draft_tokens']:.0f} guesses kept "
+            f"({spec['acceptance_rate']:.1%}), {spec['mean_accepted_length']:.2f} tokens per speculating step"
+        )
     if s["failed"]:
         print(f"  failures: {s['failures_by_status']}; first: {s['first_error']}")
 
@@ -303,9 +373,11 @@ def measure(args) -> list[tuple[str, dict]]:
                 for tokens in requests[: args.warmup]
             ]
             asyncio.run(run_load(endpoint, model, warm, args, None, math.inf, _Quiet()))
+        counters = spec_counters(args.base_url)
         with tqdm(total=len(requests), desc=f"{args.label} {load_label}", file=sys.stderr, leave=False) as bar:
             results, duration = asyncio.run(run_load(endpoint, model, requests, args, concurrency, rate, bar))
         summary = summarize(results, duration, slo)
+        summary["speculation"] = speculation_summary(counters, spec_counters(args.base_url))
         print_summary(args.label, load_label, summary)
         points.append((load_label, summary))
     _save(args, model, points)
