@@ -79,8 +79,13 @@ def test_quantized_tiny_model_stays_close_to_the_original(tiny_models, method):
 
 
 def test_quantize_model_counts_the_layers(tiny_models):
+    from ladle.model.loader import _build
+
     loaded = load_model(resolve_model(str(tiny_models["llama"].hf_dir)), dtype="float32", device="cpu")
-    assert quantize_model(loaded.model, "int8") == 4 * loaded.spec.num_layers
+    fresh = _build(loaded.spec, "sdpa", 64, torch.float32, torch.device("cpu"))  # plain nn.Linear layers
+    assert quantize_model(fresh, "int8") == 4 * loaded.spec.num_layers
+    int8 = load_model(resolve_model(str(tiny_models["llama"].hf_dir)), dtype="float32", quantization="int8")
+    assert sum(isinstance(m, Int8Linear) for m in int8.model.modules()) == 4 * loaded.spec.num_layers
 
 
 def test_unknown_quantization_is_refused():
@@ -106,7 +111,7 @@ def test_from_gguf_keeps_q4_blocks_exactly(tiny_models, tmp_path, arch, kind):
 
     path = write_quantized_gguf(tiny_models[arch], tmp_path / f"{arch}-{kind}.gguf", kind)
     source = resolve_model(str(path))
-    plain = load_model(source, dtype="float32", device="cpu")  # blocks dequantized at load
+    plain = load_model(source, dtype="float32", device="cpu", pack=False)  # blocks dequantized at load
     exact = load_model(source, dtype="float32", device="cpu", quantization="from-gguf")
     for i, layer in enumerate(exact.model.model.layers):
         for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
@@ -129,14 +134,19 @@ def test_from_gguf_maps_q8_0_to_int8_and_refuses_folders(tiny_models, tmp_path):
         load_model(resolve_model(str(tiny_models["llama"].hf_dir)), device="cpu", quantization="from-gguf")
 
 
-def test_packed_linear_equals_f_linear_in_bf16():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_linear_equals_f_linear(dtype):
     from ladle.model.packed import PackedLinear, packing_available
 
-    if not packing_available(torch.bfloat16, torch.device("cpu")):
-        pytest.skip("this CPU has no native bf16: Ladle keeps F.linear here")
+    if not packing_available(dtype, torch.device("cpu")):
+        pytest.skip(f"Ladle keeps F.linear for {dtype} on this CPU (no native bf16, or float32 rows not independent)")
     g = torch.Generator().manual_seed(0)
-    w, b = torch.randn(96, 64, generator=g).bfloat16(), torch.randn(96, generator=g).bfloat16()
+    w, b = torch.randn(96, 64, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
     layer = PackedLinear(w, b)
+    tol = dict(atol=2e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    big = torch.randn(300, 64, generator=g).to(dtype)
     for rows in (1, 7, 64, 300):
-        x = torch.randn(rows, 64, generator=g).bfloat16()
-        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, b), atol=2e-2, rtol=1e-2)
+        x = big[:rows]
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, b), **tol)
+        if dtype == torch.float32:  # packed only where a row's result does not depend on its batch
+            assert torch.equal(layer(x), layer(big)[:rows])

@@ -54,7 +54,10 @@ def load_model(
     attention_backend: str = "auto",
     max_model_len: int | None = None,
     quantization: str = "none",
+    pack: bool = True,
 ) -> LoadedModel:
+    """pack=False keeps plain nn.Linear layers (for tools and tests that read the weights) where
+    they would be reordered for oneDNN."""
     started = time.perf_counter()
     files = open_model_files(source)
     spec = files.spec()
@@ -86,7 +89,7 @@ def load_model(
         log.info("from-gguf: %(int4)d projections int4 (exact), %(int8)d int8, %(unchanged)d unchanged", counts)
     else:
         quantize_model(model, quantization)
-    if packing_available(torch_dtype, torch.device(device_name)):
+    if pack and packing_available(torch_dtype, torch.device(device_name)):
         pack_linears(model)
     log.info(
         "loaded %s (%s, %s layers) as %s%s on %s with %s attention in %.1fs",
