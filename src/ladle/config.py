@@ -74,7 +74,8 @@ class SpeculativeConfig:
     ngram_min: int = 1  # shortest suffix n-gram looked up in the request's tokens
     ngram_max: int = 4  # longest, tried first
     # speculation pauses while more requests than this run (0 = never pauses). The default is the
-    # crossover measured on a 2-core CPU (benchmarks/results/spec-crossover-*.json).
+    # crossover measured on a 2-core CPU, editing workload, K=5: TPOT 1.8x better at 1 request,
+    # 1.6x at 2, 1.15x at 4, 0.75x at 8 (benchmarks/results/serve-{plain,ngram}-c*-editing-*.json)
     disable_batch_size: int = 4
 
     def __post_init__(self):

@@ -69,7 +69,8 @@ def test_quantized_tiny_model_stays_close_to_the_original(tiny_models, method):
     layer = quant.model.model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj, QuantLinear) and layer.self_attn.qkv_proj.bias is not None
     assert isinstance(layer.mlp.down_proj, QuantLinear)
-    assert not isinstance(quant.model.lm_head, QuantLinear)  # embedding and lm_head stay in the dtype
+    assert isinstance(quant.model.lm_head, Int8Linear)  # the head is int8 under every method
+    assert not isinstance(quant.model.model.embed_tokens, QuantLinear)  # the embedding stays in the dtype
     x = torch.randn(7, plain.spec.hidden_size)
     for name in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
         a = plain.model.model.layers[1].get_submodule(name)(x)
@@ -85,7 +86,7 @@ def test_quantize_model_counts_the_layers(tiny_models):
     fresh = _build(loaded.spec, "sdpa", 64, torch.float32, torch.device("cpu"))  # plain nn.Linear layers
     assert quantize_model(fresh, "int8") == 4 * loaded.spec.num_layers
     int8 = load_model(resolve_model(str(tiny_models["llama"].hf_dir)), dtype="float32", quantization="int8")
-    assert sum(isinstance(m, Int8Linear) for m in int8.model.modules()) == 4 * loaded.spec.num_layers
+    assert sum(isinstance(m, Int8Linear) for m in int8.model.modules()) == 4 * loaded.spec.num_layers + 1  # + head
 
 
 def test_unknown_quantization_is_refused():
@@ -150,3 +151,28 @@ def test_packed_linear_equals_f_linear(dtype):
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, b), **tol)
         if dtype == torch.float32:  # packed only where a row's result does not depend on its batch
             assert torch.equal(layer(x), layer(big)[:rows])
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4-g32", "int4-g64"])
+def test_ladle_decode_kernels_match_the_dequantized_weights_and_ignore_the_batch(kind):
+    """Ladle's own few-rows kernels: the product with the dequantized weight, and each row's bits
+    the same alone and in any batch (what the identity of batched and speculative decoding needs)."""
+    from ladle.model.quant import _cpu_kernels
+
+    if _cpu_kernels() is None:
+        pytest.skip("the CPU kernels do not build here: PyTorch's packed kernels are used")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(200, 128, generator=g)
+    layer = Int8Linear(w) if kind == "int8" else Int4Linear(w, None, int(kind[-2:]))
+    x = torch.randn(19, 128, generator=g)
+    out = layer.packed_mm(x)
+    torch.testing.assert_close(out, x @ layer.dequantize().T, atol=1e-4, rtol=1e-4)
+    for rows in (1, 2, 3, 5, 8, 9, 17):
+        assert torch.equal(layer.packed_mm(x[:rows]), out[:rows]), rows
+
+
+def test_quantized_models_carry_an_int8_head(tiny_models):
+    for method in ("int8", "int4"):
+        loaded = load_model(resolve_model(str(tiny_models["llama"].hf_dir)), dtype="float32", quantization=method)
+        assert isinstance(loaded.model.lm_head, Int8Linear)
+        assert not isinstance(loaded.model.model.embed_tokens, QuantLinear)

@@ -59,7 +59,6 @@ class EngineStats:
     num_preemptions: int = 0
     prefix_queried_blocks: int = 0
     prefix_hit_blocks: int = 0
-    num_running_speculating: int = 0  # running requests holding guesses for the next step
     spec_num_drafts: int = 0  # steps of a request that carried guesses
     spec_num_draft_tokens: int = 0  # guesses verified
     spec_num_accepted_tokens: int = 0  # guesses the model agreed with
@@ -357,4 +356,3 @@ class EngineCore:
         s.num_preemptions = self.scheduler.num_preemptions
         s.prefix_queried_blocks = self.kv.stats.num_queried_blocks
         s.prefix_hit_blocks = self.kv.stats.num_hit_blocks
-        s.num_running_speculating = sum(1 for r in self.scheduler.running if r.spec_token_ids)
