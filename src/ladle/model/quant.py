@@ -103,6 +103,8 @@ class Int8Linear(QuantLinear):
         q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         self.register_buffer("qweight", q)  # [out, in] int8
         self.register_buffer("scales", scale.to(weight.dtype))  # [out], the activations' dtype
+        if _cpu_kernels() is not None:  # Ladle's kernel beats dequantize-and-GEMM up to ~128 rows (AVX2)
+            self.packed_max_rows = 128
 
     def packed_mm(self, x):
         if (kernels := _cpu_kernels()) is not None:  # Ladle's own kernel (ladle/model/csrc), 3-25x faster
@@ -150,6 +152,8 @@ class Int4Linear(QuantLinear):
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.empty(0, dtype=dtype))
         self.use_ladle_kernel = self.group_size % 32 == 0 and _cpu_kernels() is not None
+        if self.use_ladle_kernel:  # beats dequantize-and-GEMM up to ~64 rows (AVX2)
+            self.packed_max_rows = 64
         if not self.use_ladle_kernel and self.in_features % (self.inner_k_tiles * 16) == 0:
             # PyTorch's kernel computes w = (q - 8) * scale + zero, so zero = min + 8 * scale
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), self.inner_k_tiles)

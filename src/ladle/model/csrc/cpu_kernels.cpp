@@ -556,18 +556,27 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   TORCH_CHECK(codes.size(1) * 2 == K && group_size % 32 == 0 && K % group_size == 0, "shapes do not match");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && mins.scalar_type() == at::kFloat, "scales and minimums in float32");
   auto xf = x.to(at::kFloat).contiguous();
-  auto xe = xf.slice(1, 0, K, 2).contiguous(), xo = xf.slice(1, 1, K, 2).contiguous();
-  auto xsum = xf.view({M, K / group_size, group_size}).sum(-1).contiguous();
   auto cc = codes.contiguous();
   auto sc = scale.contiguous(), mc = mins.contiguous();
   auto y = torch::empty({M, N}, xf.options());
   const int64_t half = K / 2, G = K / group_size;
+  // x split into even and odd inputs, and its sum per group: once per call, plain loops (a few
+  // small torch ops here cost more than the product itself at one row)
+  std::vector<float> xe(M * half), xo(M * half), xsum(M * G, 0.f);
+  const float* xp = xf.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = xp[m * K + 2 * i], b = xp[m * K + 2 * i + 1];
+      xe[m * half + i] = a;
+      xo[m * half + i] = b;
+      xsum[m * G + 2 * i / group_size] += a + b;
+    }
   at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t begin, int64_t end) {
     const int64_t nb = begin * 32, ne = std::min(end * 32, N);
     for (int64_t m0 = 0; m0 < M; m0 += 8) {
-      const float* e = xe.data_ptr<float>() + m0 * half;
-      const float* o = xo.data_ptr<float>() + m0 * half;
-      const float* xs = xsum.data_ptr<float>() + m0 * G;
+      const float* e = xe.data() + m0 * half;
+      const float* o = xo.data() + m0 * half;
+      const float* xs = xsum.data() + m0 * G;
       float* ym = y.data_ptr<float>() + m0 * N;
       const uint8_t* cp = cc.data_ptr<uint8_t>();
       const float* sp = sc.data_ptr<float>();
