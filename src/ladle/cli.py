@@ -152,7 +152,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help=f"tokens guessed per request and step ({d.num_speculative_tokens})",
     )
     g.add_argument("--draft-model", default=None, metavar="PATH", help="smaller model, same tokenizer (GGUF/HF)")
-    g.add_argument("--ngram-min", type=int, default=d.ngram_min, metavar="N", help=f"({d.ngram_min})")
+    g.add_argument(
+        "--ngram-min",
+        type=int,
+        default=d.ngram_min,
+        metavar="N",
+        help=f"shortest suffix n-gram looked up ({d.ngram_min})",
+    )
     g.add_argument(
         "--ngram-max",
         type=int,

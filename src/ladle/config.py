@@ -69,7 +69,7 @@ class SpeculativeConfig:
     checks them all in one forward pass and keeps the longest run it agrees with."""
 
     method: str = "none"  # "ngram" (prompt lookup), "draft" (a smaller model) or "none"
-    num_speculative_tokens: int = 4  # K: tokens proposed per request and step
+    num_speculative_tokens: int = 5  # K: tokens proposed per request and step (5: the measured setting)
     draft_model: str | None = None  # GGUF file or HF folder of the draft model (method "draft")
     ngram_min: int = 1  # shortest suffix n-gram looked up in the request's tokens
     ngram_max: int = 4  # longest, tried first

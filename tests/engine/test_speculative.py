@@ -98,7 +98,7 @@ def test_policy_limits_guesses_to_max_tokens_and_small_batches():
     r.params = SamplingParams(max_tokens=50, speculative=False)
     assert policy.num_tokens(r, batch_size=1) == 0
     never_off = SpeculationPolicy(SpeculativeConfig(method="ngram", disable_batch_size=0))
-    assert never_off.num_tokens(decoding_request(), batch_size=500) == 4
+    assert never_off.num_tokens(decoding_request(), batch_size=500) == 5
 
 
 @pytest.mark.parametrize(
