@@ -56,6 +56,14 @@ def ladle_system(label: str, model: str | None, port: int, extra: list[str]) -> 
     return System(label, command + extra, "/ready")
 
 
+def peer_dtype() -> str:
+    """What Ladle's `auto` picks here (bf16 on CPUs with native bf16, else float32): a peer gets the
+    same, so neither runs emulated bf16 (15 GFLOP/s against fp32's 104 on a 2-core AVX2 EPYC)."""
+    from ladle.platform import resolve_dtype
+
+    return str(resolve_dtype("auto", "cpu")).removeprefix("torch.")
+
+
 def vllm_system(hf_dir: Path, venv: Path, port: int, max_model_len: int) -> System:
     python = venv / "bin" / "python"
     if not python.exists():
@@ -63,7 +71,7 @@ def vllm_system(hf_dir: Path, venv: Path, port: int, max_model_len: int) -> Syst
     threads = os.cpu_count() or 1
     command = [
         str(python), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(hf_dir), "--served-model-name", SERVED_NAME, "--dtype", "bfloat16",
+        "--model", str(hf_dir), "--served-model-name", SERVED_NAME, "--dtype", peer_dtype(),
         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
         "--max-num-seqs", "64",
     ]  # fmt: skip

@@ -56,11 +56,7 @@ class Sampler:
         want_probs: bool = False,  # also return the distributions sampled rows were drawn from
     ) -> SamplerOutput:
         """One token per row, each row on its own."""
-        raw_logprobs = None
-        if any(s.params.logprobs is not None for s in specs):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
-        if any(s.params.logit_bias or s.suppressed_token_ids or s.params.uses_penalties for s in specs):
-            logits = self._adjust(logits.clone(), specs)  # the raw logits stay untouched for logprobs
+        raw_logprobs, logits = self._prepare(logits, specs)
         greedy = [i for i, s in enumerate(specs) if s.params.is_greedy]
         if len(greedy) == len(specs):  # the common case needs no gathering
             tokens = logits.argmax(dim=-1)
@@ -85,11 +81,7 @@ class Sampler:
             out = self(logits, specs, [g.generator for g in groups])
             tokens = out.token_ids.tolist()  # the step's one device-to-host copy
             return [[t] for t in tokens], [None if lp is None else [lp] for lp in out.logprobs]
-        raw_logprobs = None
-        if any(s.params.logprobs is not None for s in specs):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
-        if any(s.params.logit_bias or s.suppressed_token_ids or s.params.uses_penalties for s in specs):
-            logits = self._adjust(logits.clone(), specs)
+        raw_logprobs, logits = self._prepare(logits, specs)
         greedy = [i for i, s in enumerate(specs) if s.params.is_greedy]
         argmax = dict(zip(greedy, logits[greedy].argmax(dim=-1).tolist(), strict=True)) if greedy else {}
         drawn = [i for i, s in enumerate(specs) if not s.params.is_greedy]
@@ -147,6 +139,16 @@ class Sampler:
         return g.guesses[:accepted] + self._race(residual[None], [g.generator]).tolist()
 
     # -- logit processing ------------------------------------------------------------------------
+
+    def _prepare(self, logits: torch.Tensor, specs: list[SampleSpec]):
+        """(log_softmax of the raw logits where a row wants logprobs, else None; the logits after
+        bias, min_tokens suppression and penalties). The raw logits stay untouched for logprobs."""
+        raw_logprobs = None
+        if any(s.params.logprobs is not None for s in specs):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        if any(s.params.logit_bias or s.suppressed_token_ids or s.params.uses_penalties for s in specs):
+            logits = self._adjust(logits.clone(), specs)
+        return raw_logprobs, logits
 
     def _adjust(self, logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
         for i, s in enumerate(specs):
