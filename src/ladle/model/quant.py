@@ -103,12 +103,13 @@ class Int8Linear(QuantLinear):
         q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         self.register_buffer("qweight", q)  # [out, in] int8
         self.register_buffer("scales", scale.to(weight.dtype))  # [out], the activations' dtype
-        if _cpu_kernels() is not None:  # Ladle's kernel beats dequantize-and-GEMM up to ~128 rows (AVX2)
+        self.kernels = _cpu_kernels()  # Ladle's compiled kernels, or None (PyTorch's then)
+        if self.kernels is not None:  # Ladle's kernel beats dequantize-and-GEMM up to ~128 rows (AVX2)
             self.packed_max_rows = 128
 
     def packed_mm(self, x):
-        if (kernels := _cpu_kernels()) is not None:  # Ladle's own kernel (ladle/model/csrc), 3-25x faster
-            return kernels.int8_linear(x, self.qweight, self.scales)
+        if self.kernels is not None:  # Ladle's own kernel (ladle/model/csrc), 3-25x faster
+            return self.kernels.int8_linear(x, self.qweight, self.scales)
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
 
     def dequantize_rows(self, start, end, dtype):
@@ -151,21 +152,21 @@ class Int4Linear(QuantLinear):
         self.register_buffer("group_min", low.float())  # [out, groups]
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.empty(0, dtype=dtype))
-        self.use_ladle_kernel = self.group_size % 32 == 0 and _cpu_kernels() is not None
-        if self.use_ladle_kernel:  # beats dequantize-and-GEMM up to ~64 rows (AVX2)
+        self.kernels = _cpu_kernels() if self.group_size % 32 == 0 else None  # Ladle's, where they serve
+        if self.kernels is not None:  # beats dequantize-and-GEMM up to ~64 rows (AVX2)
             self.packed_max_rows = 64
-        if not self.use_ladle_kernel and self.in_features % (self.inner_k_tiles * 16) == 0:
+        if self.kernels is None and self.in_features % (self.inner_k_tiles * 16) == 0:
             # PyTorch's kernel computes w = (q - 8) * scale + zero, so zero = min + 8 * scale
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), self.inner_k_tiles)
             zero = low + 8 * scale
             self.scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
     def packed_available(self, x):
-        return x.device.type == "cpu" and (self.use_ladle_kernel or self.packed.numel() > 0)
+        return x.device.type == "cpu" and (self.kernels is not None or self.packed.numel() > 0)
 
     def packed_mm(self, x):
-        if self.use_ladle_kernel:  # Ladle's kernel (ladle/model/csrc): one copy of the codes, read as is
-            return _cpu_kernels().int4_linear(x, self.codes, self.group_scale, self.group_min, self.group_size)
+        if self.kernels is not None:  # Ladle's kernel (ladle/model/csrc): one copy of the codes, read as is
+            return self.kernels.int4_linear(x, self.codes, self.group_scale, self.group_min, self.group_size)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, self.group_size, self.scales_and_zeros.to(x.dtype)
         )

@@ -110,10 +110,12 @@ class ModelRunner:
             specs = [SampleSpec(asks[i].params, [], guesses[i]) for i in live]
             gens = [self._generator(asks[i].request_id, asks[i].params.seed) for i in live]
             out = self.sampler(logits, specs, gens, want_probs=True)
-            for row, (i, token) in enumerate(zip(live, out.token_ids.tolist(), strict=True)):
+            drawn = 0  # out.probs holds the non-greedy rows only, in order
+            for i, token in zip(live, out.token_ids.tolist(), strict=True):
                 guesses[i].append(token)
-                if out.probs is not None and not asks[i].params.is_greedy:
-                    probs[i].append(out.probs[row])
+                if not asks[i].params.is_greedy:
+                    probs[i].append(out.probs[drawn])
+                    drawn += 1
                 position = chunks[i].num_computed + len(chunks[i].token_ids)
                 chunks[i] = StepChunk([token], position, asks[i].block_ids)
             live = [i for i in live if len(guesses[i]) < asks[i].k]

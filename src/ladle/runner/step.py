@@ -21,10 +21,6 @@ class StepRequest:
     samples: list[SampleSpec] = field(default_factory=list)
     num_spec: int = 0  # speculative tokens at the end of token_ids, to verify
 
-    @property
-    def sample(self) -> SampleSpec | None:
-        return self.samples[0] if self.samples else None
-
 
 @dataclass
 class StepBatch:

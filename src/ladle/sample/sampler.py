@@ -31,7 +31,7 @@ from ladle.sample.params import SampleSpec, TokenLogprobs
 class SamplerOutput:
     token_ids: torch.Tensor  # [R] int64
     logprobs: list[TokenLogprobs | None]  # per row, None where not asked
-    probs: torch.Tensor | None = None  # [R, V] what sampled rows were drawn from (want_probs); greedy rows 0
+    probs: torch.Tensor | None = None  # want_probs: [D, V], what each non-greedy row was drawn from, in row order
 
 
 @dataclass
@@ -67,11 +67,7 @@ class Sampler:
             tokens[greedy] = logits[greedy].argmax(dim=-1)
         probs = self._probs(logits[drawn], [specs[i] for i in drawn])
         tokens[drawn] = self._race(probs, [generators[i] for i in drawn])
-        all_probs = None
-        if want_probs:
-            all_probs = torch.zeros_like(logits)
-            all_probs[drawn] = probs
-        return SamplerOutput(tokens, self._logprobs(raw_logprobs, tokens, specs), all_probs)
+        return SamplerOutput(tokens, self._logprobs(raw_logprobs, tokens, specs), probs if want_probs else None)
 
     def sample(self, logits: torch.Tensor, groups: list[SampleGroup]):
         """The tokens of each group (guesses kept, then one sampled token) and their logprobs (or None
