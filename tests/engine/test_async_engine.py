@@ -112,3 +112,35 @@ def test_n_samples_stream_with_their_index(engine):
     deltas = asyncio.run(collect(eng, "n", ids, SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=8)))
     assert {d.index for d in deltas} == {0, 1}
     assert sum(d.finished for d in deltas) == 2
+
+
+def test_launch_builds_the_engine_on_its_loop_thread(tiny_models):
+    """All tensor work (loading, warm-up, steps) runs on one thread, so PyTorch keeps one OpenMP
+    team: a second thread with a team makes libgomp stop spinning and every op pays wake-ups."""
+    import threading
+
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread())
+        return LLM(str(tiny_models["qwen2"].hf_dir), dtype="float32", device="cpu", kv_cache_memory_gib=0.05).engine
+
+    eng = AsyncEngine.launch(build)
+    try:
+        assert built_on == [eng._thread] and eng.is_running and built_on[0] is not threading.current_thread()
+
+        async def main():
+            return await collect(eng, "r", [5, 6, 7], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+
+        assert len([t for d in asyncio.run(main()) for t in d.new_token_ids]) == 5
+    finally:
+        eng.shutdown()
+    assert not eng.is_running
+
+
+def test_launch_raises_what_building_raised():
+    def build():
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        AsyncEngine.launch(build)

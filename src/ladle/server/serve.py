@@ -121,9 +121,7 @@ def _build_async_engine(cfg: LadleConfig):
     from ladle.engine.async_engine import AsyncEngine
     from ladle.engine.llm import build_engine
 
-    engine = AsyncEngine(build_engine(cfg.engine))
-    engine.start()
-    return engine
+    return AsyncEngine.launch(lambda: build_engine(cfg.engine))  # all tensor work on the engine's thread
 
 
 async def _warm_up(engine) -> None:
