@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from ladle.errors import LadleError
 
 POLICIES = ("fcfs", "priority")
-QUANTIZATION_METHODS = ("none", "int8", "int4", "from-gguf")  # ladle.model.quant implements them
+QUANTIZATION_METHODS = ("none", "int8", "int4", "from-gguf", "w8a8")  # ladle.model.quant implements them
 
 
 def check_quantization(method: str) -> str:

@@ -176,3 +176,74 @@ def test_quantized_models_carry_an_int8_head(tiny_models):
         loaded = load_model(resolve_model(str(tiny_models["llama"].hf_dir)), dtype="float32", quantization=method)
         assert isinstance(loaded.model.lm_head, Int8Linear)
         assert not isinstance(loaded.model.model.embed_tokens, QuantLinear)
+
+
+# ---- w8a8: int8 weights and int8 activations --------------------------------------------------
+
+
+def make_w8a8(rows_scale=3.0, bias=True):
+    from ladle.model.quant import W8A8Linear
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 64, generator=g)
+    b = torch.randn(96, generator=g) if bias else None
+    x_max = torch.rand(64, generator=g) * rows_scale + 0.1
+    x_max[5] = 40.0  # one outlier channel, as LLM activations have
+    return W8A8Linear(w, b, x_max), w, b, x_max
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_compiled_kernels_equal_their_pytorch_twin_and_ignore_the_batch(dtype):
+    layer, w, b, x_max = make_w8a8()
+    if layer.kernels is None:
+        pytest.skip("Ladle's CPU kernels do not build here")
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(37, 64, generator=g) * x_max / 3).to(dtype)
+    compiled = layer(x)
+    kernels, layer.kernels = layer.kernels, None
+    try:
+        twin = layer(x)
+    finally:
+        layer.kernels = kernels
+    assert torch.equal(compiled, twin)
+    for rows in (slice(0, 1), slice(5, 9), slice(36, 37)):  # a row's result never depends on its batch
+        assert torch.equal(layer(x[rows]), compiled[rows])
+
+
+def test_w8a8_is_close_to_the_float_product_despite_an_outlier_channel():
+    layer, w, b, x_max = make_w8a8()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 64, generator=g) * x_max / 3
+    exact = x @ w.t() + b
+    err = (layer(x) - exact).norm() / exact.norm()
+    assert err < 0.02, err
+    # the smoothing pays: the same layer without it (alpha 0: s = 1) is worse on these rows
+    from ladle.model.quant import W8A8Linear
+
+    plain = W8A8Linear(w, b, torch.ones(64), alpha=0.0)
+    assert err < (plain(x) - exact).norm() / exact.norm()
+    assert (layer.dequantize() - w).norm() / w.norm() < 0.03
+
+
+def test_w8a8_model_calibrates_and_keeps_greedy_tokens_batch_independent(tiny_models):
+    from ladle.engine.llm import LLM
+    from ladle.model.quant import W8A8Linear
+    from ladle.sample.params import SamplingParams
+
+    source = resolve_model(str(tiny_models["qwen2"].hf_dir))
+    plain = load_model(source, dtype="float32", device="cpu")
+    loaded = load_model(source, dtype="float32", device="cpu", quantization="w8a8")
+    assert sum(isinstance(m, W8A8Linear) for m in loaded.model.modules()) == 4 * loaded.spec.num_layers + 1
+    layer = loaded.model.model.layers[1].self_attn.qkv_proj
+    assert (layer.inv_smooth != 1).any()  # smoothing came from the calibration pass
+    x = torch.randn(7, plain.spec.hidden_size)
+    a = plain.model.model.layers[1].mlp.gate_up_proj(x)
+    b = loaded.model.model.layers[1].mlp.gate_up_proj(x)
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+    llm = LLM(str(tiny_models["qwen2"].hf_dir), dtype="float32", device="cpu", kv_cache_memory_gib=0.05, loaded=loaded)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [[(7 * i + 3 * j) % 300 + 1 for j in range(5 + 3 * i)] for i in range(6)]
+    together = [r.token_ids for r in llm.generate(prompts, params)]
+    alone = [llm.generate([p], params)[0].token_ids for p in prompts]
+    assert together == alone

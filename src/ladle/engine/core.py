@@ -37,7 +37,11 @@ class EngineInfo:
 
     @property
     def weights_description(self) -> str:
-        return self.dtype if self.quantization == "none" else f"{self.quantization} weights, {self.dtype} activations"
+        if self.quantization == "none":
+            return self.dtype
+        if self.quantization == "w8a8":  # the products run on int8 activations; the rest in the dtype
+            return f"int8 weights and activations (w8a8), {self.dtype} elsewhere"
+        return f"{self.quantization} weights, {self.dtype} activations"
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -15,7 +15,7 @@ from ladle.model.attention import resolve_backend_name
 from ladle.model.gguf_loader import GGUFFile
 from ladle.model.hf_loader import HFFolder
 from ladle.model.packed import pack_linears, packing_available
-from ladle.model.quant import quantize_from_gguf, quantize_model
+from ladle.model.quant import input_absmax, quantize_from_gguf, quantize_model
 from ladle.model.registry import MODEL_CLASSES
 from ladle.model.source import ModelSource
 from ladle.model.spec import TransformerSpec
@@ -87,6 +87,11 @@ def load_model(
             raise LadleError("--quantization from-gguf needs a GGUF model; use int8 or int4 for a Hugging Face folder")
         counts = quantize_from_gguf(model, files, spec)
         log.info("from-gguf: %(int4)d projections int4 (exact), %(int8)d int8, %(unchanged)d unchanged", counts)
+    elif quantization == "w8a8":
+        if device_name != "cpu":
+            raise LadleError("--quantization w8a8 runs on CPUs only (int8 x int8 products); use int8 on a GPU")
+        unquantized = LoadedModel(source, spec, tokenizer, model.eval(), torch_dtype, torch.device(device_name), max_len)
+        quantize_model(model, quantization, input_absmax=input_absmax(unquantized))
     else:
         quantize_model(model, quantization)
     if pack and packing_available(torch_dtype, torch.device(device_name)):

@@ -48,6 +48,22 @@ inline float hsum(v8 x) {
   return c[0];
 }
 
+// The four sums of a0..a3 into out[0..3] with one reduction tree (9 shuffles, 7 adds, against 24
+// for four hsum calls).
+inline void hsum4(v8 a0, v8 a1, v8 a2, v8 a3, float* out) {
+  const v8 p01 = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 8, 9, 10, 11) +
+                 __builtin_shufflevector(a0, a1, 4, 5, 6, 7, 12, 13, 14, 15);
+  const v8 p23 = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 8, 9, 10, 11) +
+                 __builtin_shufflevector(a2, a3, 4, 5, 6, 7, 12, 13, 14, 15);
+  const v8 q = __builtin_shufflevector(p01, p23, 0, 1, 4, 5, 8, 9, 12, 13) +
+               __builtin_shufflevector(p01, p23, 2, 3, 6, 7, 10, 11, 14, 15);
+  const v8 r = __builtin_shufflevector(q, q, 0, 2, 4, 6, 0, 2, 4, 6) + __builtin_shufflevector(q, q, 1, 3, 5, 7, 1, 3, 5, 7);
+  out[0] = r[0];
+  out[1] = r[1];
+  out[2] = r[2];
+  out[3] = r[3];
+}
+
 // Conversions between the storage dtype and float32. bfloat16 is done on the bits (a shift one
 // way, round-to-nearest-even the other, as c10 does) so that loops over rows vectorize: c10's own
 // conversion is an opaque call per element, ten times slower in the silu and attention loops.
@@ -181,10 +197,7 @@ void decode_item_vec(const T* q, const T* k_cache, const T* v_cache, const int64
           a2 += qv * load8(k0 + 2 * D + 8 * w);
           a3 += qv * load8(k0 + 3 * D + 8 * w);
         }
-        sg[t] = hsum(a0);
-        sg[t + 1] = hsum(a1);
-        sg[t + 2] = hsum(a2);
-        sg[t + 3] = hsum(a3);
+        hsum4(a0, a1, a2, a3, sg + t);
       }
       for (; t < n; ++t) {
         v8 a = {0};
@@ -221,17 +234,110 @@ void decode_item_vec(const T* q, const T* k_cache, const T* v_cache, const int64
   for (int64_t i = 0; i < G * D; ++i) out[i] = from_float<T>(acc[i]);
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512DQ__)
+// bfloat16 cache, head size 64 or 128, on CPUs with AVX512-BF16: q . k straight from the cache
+// with vdpbf16ps (32 products per instruction, exact in float32, no conversion pass over the
+// keys), the scale applied to the score; values converted once per block and summed 16 wide. On
+// a 2-core AVX-512 EPYC, 32 requests x 320 tokens of context, one layer: 589 -> 446 us (medians of
+// 15 interleaved rounds against the 8-wide float path).
+template <int D>
+void decode_item_bf16(const c10::BFloat16* q, const c10::BFloat16* k_cache, const c10::BFloat16* v_cache,
+                      const int64_t* table, int64_t len, c10::BFloat16* out, int64_t G, int64_t NB, int64_t BS,
+                      int64_t h, float scale, std::vector<float>& acc, std::vector<float>& scores,
+                      std::vector<float>& buf) {
+  constexpr int P = D / 32;  // 512-bit bf16 vectors per row
+  constexpr int W = D / 16;  // 512-bit float vectors per row
+  scores.resize(G * len);
+  for (int64_t g = 0; g < G; ++g) {
+    __m512bh qv[P];
+    for (int p = 0; p < P; ++p) qv[p] = (__m512bh)_mm512_loadu_si512(q + g * D + 32 * p);
+    float* sg = scores.data() + g * len;
+    for (int64_t start = 0; start < len; start += BS) {
+      const int64_t n = std::min(BS, len - start);
+      const c10::BFloat16* kb = k_cache + (h * NB + table[start / BS]) * BS * D;
+      int64_t t = 0;
+      for (; t + 4 <= n; t += 4) {
+        __m512 a[4];
+        for (int j = 0; j < 4; ++j) {
+          a[j] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+          for (int p = 0; p < P; ++p)
+            a[j] = _mm512_dpbf16_ps(a[j], qv[p], (__m512bh)_mm512_loadu_si512(kb + (t + j) * D + 32 * p));
+        }
+        v8 f[4];
+        for (int j = 0; j < 4; ++j) {
+          const __m256 lo = _mm512_castps512_ps256(a[j]), hi = _mm512_extractf32x8_ps(a[j], 1);
+          f[j] = (v8)_mm256_add_ps(lo, hi);
+        }
+        hsum4(f[0], f[1], f[2], f[3], sg + start + t);
+        for (int j = 0; j < 4; ++j) sg[start + t + j] *= scale;
+      }
+      for (; t < n; ++t) {
+        __m512 a = _mm512_setzero_ps();
+        for (int p = 0; p < P; ++p)
+          a = _mm512_dpbf16_ps(a, qv[p], (__m512bh)_mm512_loadu_si512(kb + t * D + 32 * p));
+        sg[start + t] = _mm512_reduce_add_ps(a) * scale;
+      }
+    }
+    softmax_inplace(sg, len);
+  }
+  std::fill(acc.begin(), acc.end(), 0.f);
+  for (int64_t start = 0; start < len; start += BS) {
+    const int64_t n = std::min(BS, len - start);
+    const float* vb = block_as_float<c10::BFloat16>(v_cache + (h * NB + table[start / BS]) * BS * D, n * D, buf.data());
+    for (int64_t g = 0; g < G; ++g) {
+      const float* pg = scores.data() + g * len + start;
+      float* ag = acc.data() + g * D;
+      __m512 r[W];
+      for (int j = 0; j < W; ++j) r[j] = _mm512_loadu_ps(ag + 16 * j);
+      for (int64_t t = 0; t < n; ++t) {
+        const __m512 pv = _mm512_set1_ps(pg[t]);
+#pragma GCC unroll 8
+        for (int j = 0; j < W; ++j) r[j] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vb + t * D + 16 * j), r[j]);
+      }
+      for (int j = 0; j < W; ++j) _mm512_storeu_ps(ag + 16 * j, r[j]);
+    }
+  }
+  for (int64_t i = 0; i < G * D; ++i) out[i] = from_float<c10::BFloat16>(acc[i]);
+}
+#endif
+
 template <typename T>
 void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
                    const int64_t* context_lens, T* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t NB,
                    int64_t BS, int64_t D, int64_t max_blocks, float scale) {
   const int64_t G = Hq / Hkv;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  // Items split into one contiguous range per thread of about equal cost (the context lengths
+  // differ; an even split of items left one thread waiting at the end of most steps).
+  const int64_t items = B * Hkv;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  std::vector<int64_t> cut(parts + 1, items);
+  cut[0] = 0;
+  {
+    int64_t total = 0;
+    for (int64_t b = 0; b < B; ++b) total += (context_lens[b] + 16) * Hkv;
+    int64_t run = 0, p = 1;
+    for (int64_t item = 0; item < items && p < parts; ++item) {
+      run += context_lens[item / Hkv] + 16;
+      if (run * parts >= total * p) cut[p++] = item + 1;
+    }
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     std::vector<float> qf(G * D), acc(G * D), scores, buf(BS * D);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = cut[part_begin]; item < cut[part_end]; ++item) {
       const int64_t b = item / Hkv, h = item % Hkv;
       const int64_t offset = (b * Hq + h * G) * D;  // this KV head's query heads, contiguous
       const int64_t* table = block_tables + b * max_blocks;
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512DQ__)
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (D == 64 || D == 128) {
+          auto item_fn = D == 64 ? decode_item_bf16<64> : decode_item_bf16<128>;
+          item_fn(q + offset, k_cache, v_cache, table, context_lens[b], out + offset, G, NB, BS, h, scale, acc,
+                  scores, buf);
+          continue;
+        }
+      }
+#endif
       if (D == 64 || D == 128) {
         auto item_fn = D == 64 ? decode_item_vec<T, 8> : decode_item_vec<T, 16>;
         item_fn(q + offset, k_cache, v_cache, table, context_lens[b], out + offset, G, NB, BS, h, scale, qf, acc,
@@ -600,6 +706,100 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+// ---- int8 activations for the int8 x int8 product (`--quantization w8a8`) ----------------------
+//
+// quantize_rows_int8: each row of x times the layer's smoothing factors (SmoothQuant: 1/s per
+// input), then symmetric int8 with one scale per row: scale = max|r| / 127, q = round(r / scale)
+// (to nearest even, as torch.round). A row's codes depend on that row alone.
+// dequantize_int32: y[m, n] = acc[m, n] * row_scale[m] * col_scale[n] (+ bias[n]), in float32,
+// rounded once to the output dtype. One pass over each, rows split over threads.
+
+template <typename T>
+void quantize_rows_kernel(const T* xp, const float* sp, int8_t* qp, float* scp, int64_t M, int64_t K) {
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> r(K);
+    for (int64_t m = begin; m < end; ++m) {
+      const T* row = xp + m * K;
+      float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+      for (int64_t k = 0; k < K; ++k) {
+        r[k] = to_float<T>(row[k]) * sp[k];
+        amax = std::max(amax, std::fabs(r[k]));
+      }
+      const float scale = std::max(amax * (1.f / 127.f), 1e-12f);
+      const float inv = 1.f / scale;
+      int8_t* qr = qp + m * K;
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = std::nearbyint(r[k] * inv);
+        qr[k] = static_cast<int8_t>(std::min(std::max(v, -127.f), 127.f));
+      }
+      scp[m] = scale;
+    }
+  });
+}
+
+// (acc * row) * column, then + bias, each rounded, in that order: as the PyTorch twin computes
+// (fast-math would hoist row * column out of the loop and fuse the add)
+#pragma GCC push_options
+#pragma GCC optimize("no-associative-math", "fp-contract=off")
+template <typename T>
+void dequantize_kernel(const int32_t* ap, const float* rp, const float* cp, const float* bp, T* op, int64_t M,
+                       int64_t N) {
+  at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int32_t* a = ap + m * N;
+      T* o = op + m * N;
+      const float r = rp[m];
+      if (bp == nullptr) {
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) o[n] = from_float<T>(static_cast<float>(a[n]) * r * cp[n]);
+      } else {
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) o[n] = from_float<T>(static_cast<float>(a[n]) * r * cp[n] + bp[n]);
+      }
+    }
+  });
+}
+#pragma GCC pop_options
+
+std::tuple<torch::Tensor, torch::Tensor> quantize_rows_int8(torch::Tensor x, torch::Tensor inv_smooth) {
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(inv_smooth.scalar_type() == at::kFloat && inv_smooth.numel() == K, "inv_smooth float32 [K]");
+  auto xc = x.contiguous();
+  auto sc = inv_smooth.contiguous();
+  auto q = torch::empty({M, K}, x.options().dtype(at::kChar));
+  auto scales = torch::empty({M}, x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_rows_int8", [&] {
+    quantize_rows_kernel<scalar_t>(xc.data_ptr<scalar_t>(), sc.data_ptr<float>(), q.data_ptr<int8_t>(),
+                                   scales.data_ptr<float>(), M, K);
+  });
+  return {q, scales};
+}
+
+torch::Tensor dequantize_int32(torch::Tensor acc, torch::Tensor row_scale, torch::Tensor col_scale,
+                               c10::optional<torch::Tensor> bias, c10::ScalarType dtype) {
+  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == at::kInt, "acc must be int32 [M, N]");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(row_scale.scalar_type() == at::kFloat && row_scale.numel() == M, "row scales float32 [M]");
+  TORCH_CHECK(col_scale.scalar_type() == at::kFloat && col_scale.numel() == N, "column scales float32 [N]");
+  auto ac = acc.contiguous();
+  auto rs = row_scale.contiguous(), cs = col_scale.contiguous();
+  torch::Tensor bf;
+  if (bias.has_value() && bias->defined()) {
+    bf = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bf.numel() == N, "bias [N]");
+  }
+  auto out = torch::empty({M, N}, acc.options().dtype(dtype));
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "dequantize_int32", [&] {
+    dequantize_kernel<scalar_t>(ac.data_ptr<int32_t>(), rs.data_ptr<float>(), cs.data_ptr<float>(), bp,
+                                out.data_ptr<scalar_t>(), M, N);
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -609,5 +809,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_inplace", &rotary_inplace, "rotate q and k of the fused qkv output in place");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("int8_linear", &int8_linear, "x @ (int8 w * scale)^T for few rows");
+  m.def("quantize_rows_int8", &quantize_rows_int8, "rows times 1/smoothing, as int8 with a scale per row");
+  m.def("dequantize_int32", &dequantize_int32, "int32 products times row and column scales (+ bias)");
   m.def("int4_linear", &int4_linear, "x @ (int4 w * scale + min)^T, groups of a multiple of 32, few rows");
 }
