@@ -2,12 +2,14 @@
 token deltas.
 
 The engine loop runs in its own thread, so a forward pass never blocks the caller's event loop and
-the event loop never delays a step. `launch` builds the engine (loading the model) inside that same
-thread: PyTorch's CPU ops run in an OpenMP team per calling thread, and once a second thread has a
-team, libgomp sees more threads than cores and stops spinning between parallel regions, so every
-region pays a sleep and a wake-up. On a 2-core EPYC that made a decode step 35 ms against 21 ms when
-the model was loaded in one thread and run in another; one thread for all tensor work keeps one team. Requests and aborts travel to the loop through a queue;
+the event loop never delays a step. Requests and aborts travel to the loop through a queue;
 deltas travel back with `call_soon_threadsafe`, one hop per step for all requests.
+
+`launch` builds the engine (loading the model) inside that same thread: PyTorch's CPU ops run in an
+OpenMP team per calling thread, and once a second thread has a team, libgomp sees more threads than
+cores and stops spinning between parallel regions, so every region pays a sleep and a wake-up. On a
+2-core EPYC that made a decode step 35 ms against 21 ms when the model was loaded in one thread and
+run in another; one thread for all tensor work keeps one team.
 """
 
 from __future__ import annotations

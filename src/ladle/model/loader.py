@@ -90,8 +90,8 @@ def load_model(
     elif quantization == "w8a8":
         if device_name != "cpu":
             raise LadleError("--quantization w8a8 runs on CPUs only (int8 x int8 products); use int8 on a GPU")
-        unquantized = LoadedModel(source, spec, tokenizer, model.eval(), torch_dtype, torch.device(device_name), max_len)
-        quantize_model(model, quantization, input_absmax=input_absmax(unquantized))
+        float_model = LoadedModel(source, spec, tokenizer, model.eval(), torch_dtype, torch.device("cpu"), max_len)
+        quantize_model(model, quantization, input_absmax=input_absmax(float_model))
     else:
         quantize_model(model, quantization)
     if pack and packing_available(torch_dtype, torch.device(device_name)):

@@ -196,7 +196,13 @@ class W8A8Linear(QuantLinear):
 
     PROJECTION_ALPHA, HEAD_ALPHA = 0.55, 0.3
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, input_absmax: torch.Tensor, alpha: float = 0.55):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        input_absmax: torch.Tensor,
+        alpha: float = PROJECTION_ALPHA,
+    ):
         out_features, in_features = weight.shape
         super().__init__(in_features, out_features, bias)
         w = weight.detach().float()
@@ -212,7 +218,8 @@ class W8A8Linear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         k = self.kernels
-        q, row_scale = k.quantize_rows_int8(rows, self.inv_smooth) if k else quantize_rows_int8(rows, self.inv_smooth)
+        quantize = k.quantize_rows_int8 if k is not None else quantize_rows_int8
+        q, row_scale = quantize(rows, self.inv_smooth)
         acc = torch._int_mm(q, self.qweight.t())  # [rows, out] int32, exact
         if k is not None:
             out = k.dequantize_int32(acc, row_scale, self.w_scale, self.bias, x.dtype)
@@ -249,7 +256,8 @@ def input_absmax(loaded, num_tokens: int = CALIBRATION_TOKENS, seed: int = 0) ->
     n = min(num_tokens, loaded.max_model_len)
     rng = random.Random(seed)
     ids = [rng.randrange(loaded.tokenizer.vocab_size) for _ in range(n)]
-    runner = ModelRunner(loaded, num_blocks=-(-n // 16), block_size=16)
+    num_blocks = -(-n // 16)
+    runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=16)
     stats: dict[tuple[int, str], torch.Tensor] = {}
     hooks = []
     for i, _, _, name, linear in _projections(loaded.model):
@@ -261,7 +269,7 @@ def input_absmax(loaded, num_tokens: int = CALIBRATION_TOKENS, seed: int = 0) ->
 
         hooks.append(linear.register_forward_pre_hook(record))
     try:
-        input_ids, positions, meta, _ = runner.prepare([StepChunk(ids, 0, list(range(-(-n // 16))), num_logits=0)])
+        input_ids, positions, meta, _ = runner.prepare([StepChunk(ids, 0, list(range(num_blocks)), num_logits=0)])
         hidden = runner.model(input_ids, positions, runner.kv_cache.layers, meta)
         stats[HEAD_KEY] = hidden.float().abs().amax(dim=0)  # the lm_head's input
     finally:
@@ -297,7 +305,7 @@ def quantize_model(
     count = 0
     for i, _, parent, name, linear in _projections(model):
         if method == "w8a8":
-            quantized = W8A8Linear(linear.weight, linear.bias, input_absmax[(i, name)], W8A8Linear.PROJECTION_ALPHA)
+            quantized = W8A8Linear(linear.weight, linear.bias, input_absmax[(i, name)])
         elif method == "int8":
             quantized = Int8Linear(linear.weight, linear.bias)
         else:
