@@ -42,7 +42,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="int8 per channel, int4 in groups of 64, or from-gguf (a GGUF file's Q4_0/Q4_1 blocks as "
         "exact int4, Q8_0 as int8): weight-only, the lm_head int8, fastest at low concurrency; w8a8 (CPU): "
         "int8 weights and int8 activations (per token, SmoothQuant-calibrated at load), head included, "
-        "fastest at every concurrency (perplexity +1%% on SmolLM2-135M). The embedding stays in --dtype",
+        "fastest at every concurrency (perplexity +1.5%% on SmolLM2-135M). The embedding stays in --dtype",
     )
     g.add_argument(
         "--max-model-len",
