@@ -426,7 +426,7 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
     for flag in ("num_prompts", "input_len", "output_len"):
         if getattr(args, flag) < 1:
             raise LadleError(f"--{flag.replace('_', '-')} must be at least 1")
-    return bench_main(args)
+    return bench_main(args, _engine_config(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -247,3 +247,40 @@ def test_w8a8_model_calibrates_and_keeps_greedy_tokens_batch_independent(tiny_mo
     together = [r.token_ids for r in llm.generate(prompts, params)]
     alone = [llm.generate([p], params)[0].token_ids for p in prompts]
     assert together == alone
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (7, 50, 33), (13, 16, 2), (100, 130, 576), (6, 1, 7)])
+def test_int8_gemm_gives_the_integers_of_torch_int_mm(m, n, k):
+    """Ladle's AVX2 int8 product (used where torch._int_mm has no VNNI path) is exact: the same
+    int32 sums, at any row count, panel remainder and odd input count, at the extremes of int8."""
+    from ladle.model.quant import _cpu_kernels, pack_int8_panels
+
+    kernels = _cpu_kernels()
+    if kernels is None:
+        pytest.skip("Ladle's CPU kernels do not build here")
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    a[0, :] = 127  # the largest sums the int32 accumulators must hold
+    w[0, :] = -127
+    expected = (a.long() @ w.long().t()).int()
+    assert torch.equal(kernels.int8_gemm(a, pack_int8_panels(w), n), expected)
+
+
+def test_w8a8_panel_layout_gives_the_same_outputs_as_int_mm():
+    """The two int8 products behind w8a8 (panels on AVX2 machines, torch._int_mm with VNNI) agree
+    bit for bit, and the panel layout unpacks to the same weight."""
+    layer, w, b, x_max = make_w8a8()
+    if layer.kernels is None:
+        pytest.skip("Ladle's CPU kernels do not build here")
+    from ladle.model.quant import pack_int8_panels
+
+    rows = layer.int8_weight().contiguous()
+    x = torch.randn(21, 64, generator=torch.Generator().manual_seed(4)) * x_max / 3
+    outputs = {}
+    for panels in (True, False):
+        layer.panels = panels
+        layer.qweight = pack_int8_panels(rows) if panels else rows
+        assert torch.equal(layer.int8_weight(), rows)
+        outputs[panels] = layer(x)
+    assert torch.equal(outputs[True], outputs[False])

@@ -90,36 +90,30 @@ def run_hf(source, dtype, prompts: list[list[int]], output_len: int) -> Throughp
     return _result("hf", prompts, output_len, time.perf_counter() - start)
 
 
-def main(args) -> int:
+def main(args, config) -> int:
+    """`config`: the EngineConfig of the command's flags (quantization, scheduling, speculation...)."""
     import torch
 
-    from ladle.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from ladle.engine.llm import LLM
 
-    config = EngineConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len),
-        cache=CacheConfig(
-            block_size=args.block_size,
-            kv_cache_memory_gib=args.kv_cache_memory,
-            enable_prefix_caching=not args.no_prefix_caching,
-        ),
-        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs),
-    )
     llm = LLM(config=config)
-    loaded_dtype = llm.engine.executor.loaded.dtype
+    loaded = llm.engine.executor.loaded
+    dtype = loaded.dtype
+    loaded_dtype = str(dtype) + ("" if loaded.quantization == "none" else f", {loaded.quantization} weights")
+    del loaded
     tok = llm.tokenizer
     specials = set(tok.stop_token_ids) | {i for i in (tok.bos_token_id, tok.eos_token_id) if i is not None}
     prompts = random_prompts(tok.vocab_size, specials, args.num_prompts, args.input_len, args.seed)
     results = [run_ladle(llm, prompts, args.output_len)]
-    _print(results[0], torch.get_num_threads(), str(loaded_dtype))
+    _print(results[0], torch.get_num_threads(), loaded_dtype)
     if args.baseline == "hf":
         subset = prompts[: args.baseline_num_prompts or len(prompts)]
         del llm
-        results.append(run_hf(_source(args), loaded_dtype, subset, args.output_len))
-        _print(results[1], torch.get_num_threads(), str(loaded_dtype))
+        results.append(run_hf(_source(args), dtype, subset, args.output_len))
+        _print(results[1], torch.get_num_threads(), str(dtype))
         ratio = results[0].output_tokens_per_s / results[1].output_tokens_per_s
         print(f"ladle / hf output tokens/s: {ratio:.1f}x")
-    _save(args, results, str(loaded_dtype))
+    _save(args, results, loaded_dtype)
     return 0
 
 

@@ -179,15 +179,16 @@ class Int4Linear(QuantLinear):
 
 
 class W8A8Linear(QuantLinear):
-    """int8 weights and int8 activations (`--quantization w8a8`): the product runs on integers
-    (`torch._int_mm`, VNNI where the CPU has it: ~1.9x a bf16 GEMM's rate on a 2-core AVX-512 EPYC),
-    exact in int32, then scaled back. Weights: one scale per output channel. Activations: one
-    scale per row (token), computed at run time, so a row's result never depends on the other rows
-    of its batch. SmoothQuant: the few input channels whose activations are far larger than the
-    rest would spend a row's int8 range, so each input channel j is divided by
-    s_j = max|x_j|^alpha / max|w_j|^(1 - alpha) and its weights multiplied by it (the product is
-    unchanged), moving the difficulty from activations to weights; max|x_j| is measured on a
-    calibration pass at load (`input_absmax`). The lm_head is W8A8 too (alpha 0.3).
+    """int8 weights and int8 activations (`--quantization w8a8`): the product runs on integers,
+    exact in int32, then scaled back: `torch._int_mm` where the CPU has VNNI (~1.9x a bf16 GEMM's
+    rate on a 2-core AVX-512 EPYC), else Ladle's AVX2 `w8a8_linear` on a panel layout of the weight
+    (int16 pairs through vpmaddwd; the same integers, the same outputs bit for bit). Weights: one
+    scale per output channel. Activations: one scale per row (token), computed at run time, so a
+    row's result never depends on the other rows of its batch. SmoothQuant: the few input channels
+    whose activations are far larger than the rest would spend a row's int8 range, so each input
+    channel j is divided by s_j = max|x_j|^alpha / max|w_j|^(1 - alpha) and its weights multiplied
+    by it (the product is unchanged), moving the difficulty from activations to weights; max|x_j|
+    is measured on a calibration pass at load (`input_absmax`). The lm_head is W8A8 too (alpha 0.3).
 
     Perplexity of SmolLM2-135M (bf16 13.699 on the shipped text, 112.62 on DEVELOPERS.md as a
     held-out check), by (projections' alpha, head's alpha): no smoothing 14.24 (+4.0%, head in bf16);
@@ -213,17 +214,24 @@ class W8A8Linear(QuantLinear):
         smooth = (x_max**alpha / w.abs().amax(dim=0).clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
         w = w * smooth
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))  # [out, in]
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # [out, in]
         self.register_buffer("w_scale", scale)  # [out] float32
         self.register_buffer("inv_smooth", (1.0 / smooth).float())  # [in] float32
         self.kernels = _cpu_kernels()
+        # where torch._int_mm has no fast path (no VNNI: ~2 GOP/s on an AVX2 EPYC), Ladle's AVX2
+        # product on a panel layout of the weight; both give the same int32 sums
+        self.panels = self.kernels is not None and not int_mm_is_fast()
+        self.register_buffer("qweight", pack_int8_panels(q) if self.panels else q)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         k = self.kernels
+        if self.panels and k is not None:  # quantize, product and dequantize in one compiled call
+            out = k.w8a8_linear(rows, self.inv_smooth, self.qweight, self.w_scale, self.bias)
+            return out.view(*x.shape[:-1], self.out_features)
         quantize = k.quantize_rows_int8 if k is not None else quantize_rows_int8
         q, row_scale = quantize(rows, self.inv_smooth)
-        acc = torch._int_mm(q, self.qweight.t())  # [rows, out] int32, exact
+        acc = torch._int_mm(q, self.int8_weight().contiguous().t())  # [rows, out] int32, exact
         if k is not None:
             out = k.dequantize_int32(acc, row_scale, self.w_scale, self.bias, x.dtype)
         else:
@@ -231,9 +239,37 @@ class W8A8Linear(QuantLinear):
             out = (out if self.bias is None else out + self.bias.float()).to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
+    def int8_weight(self) -> torch.Tensor:
+        """The int8 weight [out, in], whichever layout holds it."""
+        if not self.panels:
+            return self.qweight
+        panels, pairs = self.qweight.shape[:2]
+        rows = self.qweight.permute(0, 2, 1, 3).reshape(panels * PANEL, pairs * 2)
+        return rows[: self.out_features, : self.in_features]
+
     def dequantize_rows(self, start, end, dtype):
-        w = self.qweight[start:end].float() * self.w_scale[start:end, None] * self.inv_smooth
+        w = self.int8_weight()[start:end].float() * self.w_scale[start:end, None] * self.inv_smooth
         return w.to(dtype)
+
+
+PANEL = 16  # output channels per panel of `int8_gemm` (ladle/model/csrc)
+
+
+def pack_int8_panels(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] into the compiled `int8_gemm`'s layout: [N/16, K/2, 16, 2], zero-padded (for each
+    panel of 16 output channels and each pair of inputs, the channels' two weights side by side)."""
+    n, k = q.shape
+    padded = q.new_zeros(-(-n // PANEL) * PANEL, k + k % 2)
+    padded[:n, :k] = q
+    return padded.view(-1, PANEL, padded.shape[1] // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def int_mm_is_fast() -> bool:
+    """Whether PyTorch's int8 product has a fast CPU path here (oneDNN with VNNI or AMX)."""
+    from ladle.platform import cpu_features
+
+    features = cpu_features()
+    return features.avx512_vnni or features.amx_bf16
 
 
 def quantize_rows_int8(x: torch.Tensor, inv_smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
