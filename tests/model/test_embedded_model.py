@@ -48,3 +48,21 @@ def test_auto_dtype_follows_the_cpu(embedded_source):
 
     expected = torch.bfloat16 if cpu_features().has_native_bf16 else torch.float32
     assert resolve_dtype("auto", "cpu") == expected
+
+
+def test_loading_the_model_imports_no_compiler_stack():
+    """Cold start: building the model on the meta device must not pull in torch._dynamo or sympy
+    (PyTorch imports them on the first meta `normal_`, arithmetic or `empty_like`: ~2 s per start)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from ladle.model.loader import load_model\n"
+        "from ladle.model.source import resolve_model\n"
+        "load_model(resolve_model(None), dtype='float32', device='cpu')\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

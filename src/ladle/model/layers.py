@@ -24,8 +24,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
-    """[head_dim // 2] float32 angular frequencies, after the model's context-extension scaling."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """[head_dim // 2] float32 angular frequencies, after the model's context-extension scaling.
+    Computed on the CPU even inside the loader's meta-device build: PyTorch's meta arithmetic
+    imports torch._dynamo on first use (1.6 s of every cold start)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
     if scaling.rope_type == "linear":
         return inv_freq / scaling.factor
     if scaling.rope_type == "llama3":
@@ -62,7 +65,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin", self._table(inv_freq), persistent=False)
 
     def _table(self, inv_freq: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(self.max_positions, dtype=torch.float32)
+        positions = torch.arange(self.max_positions, dtype=torch.float32, device=inv_freq.device)
         freqs = torch.outer(positions, inv_freq)  # [P, D/2]
         return torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [P, D] float32
 

@@ -73,7 +73,10 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, spec: TransformerSpec, backend: AttentionBackend, ops: TorchOps, max_positions: int):
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        # an uninitialised weight (every weight is loaded): nn.Embedding's own normal_() init, on the
+        # meta device the loader builds on, imports torch._dynamo (1.6 s of every cold start)
+        weight = torch.empty(spec.vocab_size, spec.hidden_size)
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(DecoderLayer(spec, backend, ops) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.rotary = RotaryEmbedding(spec, max_positions)

@@ -116,7 +116,7 @@ def _build(spec: TransformerSpec, backend: str, max_len: int, dtype: torch.dtype
     cls = MODEL_CLASSES[spec.architecture]
     with torch.device("meta"):  # no random initialisation: every parameter is loaded next
         model = cls(spec, attention_backend=backend, max_positions=max_len)
-    model.to_empty(device=device)
+    _materialize(model, device)
     model.tie_weights()
     model.to(dtype)
     model.requires_grad_(False)
@@ -125,6 +125,22 @@ def _build(spec: TransformerSpec, backend: str, max_len: int, dtype: torch.dtype
     rebuilt = type(rotary)(spec, max_len).to(device)
     rotary.inv_freq, rotary.cos_sin = rebuilt.inv_freq, rebuilt.cos_sin
     return model
+
+
+def _materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Uninitialised storage on `device` for every meta parameter and buffer: what `to_empty` does,
+    without its meta `empty_like`, which imports sympy (0.5 s of every cold start)."""
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(t.shape, dtype=t.dtype, device=device)
+
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = torch.nn.Parameter(empty(p), requires_grad=False)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = empty(b)
 
 
 def _as_torch(weights):
