@@ -1,4 +1,5 @@
-"""GGUF files (llama.cpp's format): metadata, tokenizer and weights, read with the `gguf` package.
+"""GGUF files (llama.cpp's format): metadata, tokenizer and weights (header: ladle.model.gguf_reader;
+blocks dequantized by the `gguf` package).
 
 Quantized weights are dequantized once, at load time, into the dtype asked for. llama.cpp stores
 the q and k projections of "llama" models with their rows permuted for its interleaved RoPE; they
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -74,23 +74,19 @@ class GGUFFile:
     """An opened GGUF file: decoded metadata now, weights on demand."""
 
     def __init__(self, path: Path):
-        from gguf import GGUFReader
+        from ladle.model.gguf_reader import read_gguf
 
         self.path = path
         try:
-            self.reader = GGUFReader(str(path))
-        except Exception as e:  # the reader raises ValueError, struct.error, OSError ... on bad files
+            self.metadata, tensors = read_gguf(path)
+        except Exception as e:  # ValueError, struct.error, OSError, UnicodeError ... on bad files
             raise ModelLoadError(path, f"corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
-        try:
-            self.metadata: dict[str, Any] = {k: f.contents() for k, f in self.reader.fields.items()}
-        except Exception as e:
-            raise ModelLoadError(path, f"corrupt GGUF metadata ({type(e).__name__}: {e})") from None
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.tensors = {t.name: t for t in tensors}
         self._by_hf_name = {hf: name for name in self.tensors if (hf := hf_name(name)) is not None}
         self._check_tensor_types()
 
     def _check_tensor_types(self) -> None:
-        for t in self.reader.tensors:
+        for t in self.tensors.values():
             type_name = t.tensor_type.name
             if type_name not in SUPPORTED_TYPES:
                 raise ModelLoadError(
