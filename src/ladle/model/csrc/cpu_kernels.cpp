@@ -835,6 +835,12 @@ inline __m256i pair_of(const int16_t* row, int64_t p) {
   return _mm256_set1_epi32(pair);
 }
 
+// one row's pair of inputs times the panel's 16 channels, into the row's two accumulators
+inline void madd_row(__m256i x, __m256i w0, __m256i w1, __m256i& c0, __m256i& c1) {
+  c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(x, w0));
+  c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(x, w1));
+}
+
 inline void store_tile_row(int32_t* t, __m256i lo, __m256i hi) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(t), lo);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(t + 8), hi);
@@ -850,24 +856,10 @@ inline void int8_tile(const int16_t* a, int64_t lda, const int8_t* panel, int64_
   for (int64_t p = 0; p < pairs; ++p) {
     const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + p * 32)));
     const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + p * 32 + 16)));
-    __m256i x = pair_of(a0, p);
-    c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(x, w0));
-    c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(x, w1));
-    if constexpr (MR > 1) {
-      x = pair_of(a1, p);
-      c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(x, w0));
-      c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(x, w1));
-    }
-    if constexpr (MR > 2) {
-      x = pair_of(a2, p);
-      c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(x, w0));
-      c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(x, w1));
-    }
-    if constexpr (MR > 3) {
-      x = pair_of(a3, p);
-      c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(x, w0));
-      c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(x, w1));
-    }
+    madd_row(pair_of(a0, p), w0, w1, c00, c01);
+    if constexpr (MR > 1) madd_row(pair_of(a1, p), w0, w1, c10, c11);
+    if constexpr (MR > 2) madd_row(pair_of(a2, p), w0, w1, c20, c21);
+    if constexpr (MR > 3) madd_row(pair_of(a3, p), w0, w1, c30, c31);
   }
   store_tile_row(tile, c00, c01);
   if constexpr (MR > 1) store_tile_row(tile + 16, c10, c11);
