@@ -90,3 +90,24 @@ def test_fused_elementwise_kernels_match_the_pytorch_ops(cpu_backend, dtype, ato
     torch.testing.assert_close(a, b, atol=atol, rtol=0)
     v = slice((heads + kv_heads) * head_dim, None)
     assert torch.equal(a[:, v], qkv[:, v])  # values are not rotated
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kv_write_equals_index_copy(cpu_backend, dtype):
+    """The C++ slot write puts k and v (strided views of a fused qkv row, as the model passes them)
+    exactly where the PyTorch write does, and nothing else changes."""
+    from ladle.model.attention import write_kv
+
+    g = torch.Generator().manual_seed(3)
+    num_kv_heads, num_blocks, block_size, head_dim, tokens = 3, 10, 4, 8, 7
+    caches = [torch.randn(num_kv_heads, num_blocks, block_size, head_dim, generator=g).to(dtype) for _ in range(2)]
+    qkv = torch.randn(tokens, (2 + 2 * num_kv_heads) * head_dim, generator=g).to(dtype)
+    _, k, v = qkv.split([2 * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    k, v = k.view(tokens, num_kv_heads, head_dim), v.view(tokens, num_kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:tokens]
+    expected = [c.clone() for c in caches]
+    write_kv(expected, k, v, slots)
+    cpu_backend.write_kv(caches, k, v, slots)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        cpu_backend.write_kv(caches, k, v, torch.full((tokens,), num_blocks * block_size))

@@ -21,7 +21,7 @@ def assert_same_as_gguf_package(path):
     for key, value in expected.items():
         assert metadata[key] == value and type(metadata[key]) is type(value), key
     assert [t.name for t in tensors] == [t.name for t in reference.tensors]
-    for ours, theirs in zip(tensors, reference.tensors):
+    for ours, theirs in zip(tensors, reference.tensors, strict=True):
         assert ours.tensor_type == theirs.tensor_type and list(ours.shape) == list(theirs.shape), ours.name
         assert ours.data.dtype == theirs.data.dtype and ours.data.shape == theirs.data.shape, ours.name
         assert np.array_equal(ours.data, theirs.data), ours.name

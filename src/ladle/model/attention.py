@@ -99,7 +99,9 @@ class TorchSDPABackend(AttentionBackend):
     name = "sdpa"
 
     def forward(self, q, k, v, kv_cache, meta, scale):
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+        self.write_kv(kv_cache, k, v, meta.slot_mapping)
+        if not meta.prefills and meta.num_decode_tokens == q.shape[0]:  # decodes only: their attention is the output
+            return self._decode(q, kv_cache, meta, scale)
         out = torch.empty_like(q)
         n_dec = meta.num_decode_tokens
         if n_dec:
@@ -108,6 +110,10 @@ class TorchSDPABackend(AttentionBackend):
             span = slice(chunk.query_start, chunk.query_start + chunk.num_query_tokens)
             out[span] = self._prefill(q[span], k[span], v[span], kv_cache, chunk, scale)
         return out
+
+    @staticmethod
+    def write_kv(kv_cache, k, v, slots) -> None:
+        write_kv(kv_cache, k, v, slots)
 
     @staticmethod
     def _decode(q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -179,6 +185,12 @@ class PagedCPUBackend(TorchSDPABackend):
 
             raise LadleError(f"the cpu attention backend could not be built ({self.loader().failure}); use sdpa")
         self.kernel = module.paged_decode_attention
+        self.write_slots = module.write_kv_slots
+
+    def write_kv(self, kv_cache, k, v, slots):
+        if k.device.type != "cpu":
+            return write_kv(kv_cache, k, v, slots)
+        self.write_slots(kv_cache[0], kv_cache[1], k, v, slots)
 
     def _decode(self, q, kv_cache, meta, scale):
         if q.device.type != "cpu":
