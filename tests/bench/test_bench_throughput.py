@@ -15,9 +15,9 @@ def test_throughput_runs_with_the_quantization_asked_for(tiny_models, tmp_path):
         "--num-prompts", "3", "--input-len", "5", "--output-len", "4", "--results-dir", str(tmp_path),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "torch.float32, int8 weights" in result.stdout
+    assert "int8 weights, float32 activations" in result.stdout
     (saved,) = tmp_path.glob("throughput-*.json")
     payload = json.loads(saved.read_text())
-    assert payload["dtype"] == "torch.float32, int8 weights"
+    assert payload["dtype"] == "int8 weights, float32 activations"
     (ladle,) = payload["results"]
     assert ladle["num_prompts"] == 3 and ladle["output_len"] == 4

@@ -279,8 +279,8 @@ def test_w8a8_panel_layout_gives_the_same_outputs_as_int_mm():
     x = torch.randn(21, 64, generator=torch.Generator().manual_seed(4)) * x_max / 3
     outputs = {}
     for panels in (True, False):
-        layer.panels = panels
-        layer.qweight = pack_int8_panels(rows) if panels else rows
+        layer.qweight = pack_int8_panels(rows) if panels else rows  # the layout says which product runs
+        assert layer.panels == panels
         assert torch.equal(layer.int8_weight(), rows)
         outputs[panels] = layer(x)
     assert torch.equal(outputs[True], outputs[False])

@@ -97,15 +97,13 @@ def main(args, config) -> int:
     from ladle.engine.llm import LLM
 
     llm = LLM(config=config)
-    loaded = llm.engine.executor.loaded
-    dtype = loaded.dtype
-    loaded_dtype = str(dtype) + ("" if loaded.quantization == "none" else f", {loaded.quantization} weights")
-    del loaded
+    dtype = llm.engine.executor.loaded.dtype
+    weights = llm.engine.info.weights_description  # e.g. "int8 weights, float32 activations"
     tok = llm.tokenizer
     specials = set(tok.stop_token_ids) | {i for i in (tok.bos_token_id, tok.eos_token_id) if i is not None}
     prompts = random_prompts(tok.vocab_size, specials, args.num_prompts, args.input_len, args.seed)
     results = [run_ladle(llm, prompts, args.output_len)]
-    _print(results[0], torch.get_num_threads(), loaded_dtype)
+    _print(results[0], torch.get_num_threads(), weights)
     if args.baseline == "hf":
         subset = prompts[: args.baseline_num_prompts or len(prompts)]
         del llm
@@ -113,7 +111,7 @@ def main(args, config) -> int:
         _print(results[1], torch.get_num_threads(), str(dtype))
         ratio = results[0].output_tokens_per_s / results[1].output_tokens_per_s
         print(f"ladle / hf output tokens/s: {ratio:.1f}x")
-    _save(args, results, loaded_dtype)
+    _save(args, results, weights)
     return 0
 
 

@@ -103,7 +103,7 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], list[Tensor]]:
         infos.append((name, dims, GGMLQuantizationType(kind), offset))
     alignment = int(metadata.get("general.alignment", 32))
     start = -(-c.pos // alignment) * alignment
-    file = np.memmap(path, dtype=np.uint8, mode="r")
+    file = np.frombuffer(buf, dtype=np.uint8)  # the same read-only mapping the header came from
     tensors, names = [], set()
     for name, dims, kind, offset in infos:
         if name in names:

@@ -220,8 +220,13 @@ class W8A8Linear(QuantLinear):
         self.kernels = _cpu_kernels()
         # where torch._int_mm has no fast path (no VNNI: ~2 GOP/s on an AVX2 EPYC), Ladle's AVX2
         # product on a panel layout of the weight; both give the same int32 sums
-        self.panels = self.kernels is not None and not int_mm_is_fast()
-        self.register_buffer("qweight", pack_int8_panels(q) if self.panels else q)
+        panels = self.kernels is not None and not int_mm_is_fast()
+        self.register_buffer("qweight", pack_int8_panels(q) if panels else q)
+
+    @property
+    def panels(self) -> bool:
+        """Whether qweight is in `int8_gemm`'s panel layout [N/16, K/2, 16, 2] (else [out, in])."""
+        return self.qweight.dim() == 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

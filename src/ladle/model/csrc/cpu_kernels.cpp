@@ -387,12 +387,11 @@ void write_kv_slots(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor 
   TORCH_CHECK(k_cache.size(0) == Hkv && k_cache.size(3) == D, "cache shape does not match k");
   auto sl = slots.contiguous();
   const int64_t* sp = sl.data_ptr<int64_t>();
-  const int64_t bytes = D * k.element_size();
+  const int64_t es = k.element_size(), bytes = D * es;
   auto* kc = static_cast<char*>(k_cache.data_ptr());
   auto* vc = static_cast<char*>(v_cache.data_ptr());
   const auto* kp = static_cast<const char*>(k.data_ptr());
   const auto* vp = static_cast<const char*>(v.data_ptr());
-  const int64_t es = k.element_size();
   for (int64_t t = 0; t < T; ++t) TORCH_CHECK(sp[t] >= 0 && sp[t] < slots_per_head, "slot out of range");
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t h = 0; h < Hkv; ++h) {
@@ -802,6 +801,14 @@ void dequantize_kernel(const int32_t* ap, const float* rp, const float* cp, cons
   });
 }
 
+// An optional bias [N] as a contiguous float32 tensor (undefined when there is none).
+torch::Tensor float_bias(const c10::optional<torch::Tensor>& bias, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return {};
+  auto bf = bias->to(at::kFloat).contiguous();
+  TORCH_CHECK(bf.numel() == N, "bias [N]");
+  return bf;
+}
+
 std::tuple<torch::Tensor, torch::Tensor> quantize_rows_int8(torch::Tensor x, torch::Tensor inv_smooth) {
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   const int64_t M = x.size(0), K = x.size(1);
@@ -825,11 +832,7 @@ torch::Tensor dequantize_int32(torch::Tensor acc, torch::Tensor row_scale, torch
   TORCH_CHECK(col_scale.scalar_type() == at::kFloat && col_scale.numel() == N, "column scales float32 [N]");
   auto ac = acc.contiguous();
   auto rs = row_scale.contiguous(), cs = col_scale.contiguous();
-  torch::Tensor bf;
-  if (bias.has_value() && bias->defined()) {
-    bf = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(bf.numel() == N, "bias [N]");
-  }
+  const torch::Tensor bf = float_bias(bias, N);
   auto out = torch::empty({M, N}, acc.options().dtype(dtype));
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "dequantize_int32", [&] {
@@ -985,11 +988,7 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor inv_smooth, torch::Tens
   const int64_t lda = w.pairs * 2;
   auto xc = x.contiguous();
   auto sm = inv_smooth.contiguous(), ws = w_scale.contiguous();
-  torch::Tensor bf;
-  if (bias.has_value() && bias->defined()) {
-    bf = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(bf.numel() == N, "bias [N]");
-  }
+  const torch::Tensor bf = float_bias(bias, N);
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   const float* cs = ws.data_ptr<float>();
   std::vector<int16_t> a16(M * lda, 0);
