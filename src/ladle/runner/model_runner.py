@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ladle.model.attention import AttentionMetadata, PrefillChunk
+from ladle.model.decode_plan import build_decode_plan
 from ladle.model.loader import LoadedModel
 from ladle.runner.step import DraftRequest, StepBatch, StepResult
 from ladle.sample.params import SampleSpec
@@ -60,6 +61,8 @@ class ModelRunner:
         self.device = loaded.device
         self.block_size = block_size
         self.kv_cache = KVCache(loaded, num_blocks, block_size)
+        # steps of decodes only run as one compiled call where the model has that form (CPU)
+        self.decode_plan = build_decode_plan(self.model, self.kv_cache.layers)
         self.sampler = Sampler(seed)
         self.generators: dict[str, torch.Generator] = {}  # request id → its seeded generator
         # speculative decoding with a draft model: its own runner and KV cache, under the same block
@@ -137,7 +140,11 @@ class ModelRunner:
         """Run one step. Returns float32 logits [N, vocab]: each chunk's last num_logits positions,
         in the order of `chunks`."""
         input_ids, positions, meta, logit_rows = self.prepare(chunks)
-        hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
+        plan, rows = self.decode_plan, len(input_ids)
+        if plan is not None and not meta.prefills and meta.num_decode_tokens == rows <= plan.max_rows:
+            hidden = plan.run(input_ids, positions, meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
         if not len(logit_rows):
             return hidden.new_empty((0, self.loaded.spec.vocab_size), dtype=torch.float32)
         return self.model.compute_logits(hidden[logit_rows])
