@@ -284,3 +284,33 @@ def test_w8a8_panel_layout_gives_the_same_outputs_as_int_mm():
         assert torch.equal(layer.int8_weight(), rows)
         outputs[panels] = layer(x)
     assert torch.equal(outputs[True], outputs[False])
+
+
+def test_w8a8_calibration_is_kept_between_loads_and_gives_the_same_model(tiny_models, tmp_path):
+    from ladle.model import quant
+
+    source = resolve_model(str(tiny_models["llama"].hf_dir))
+    fresh = load_model(source, dtype="float32", device="cpu", quantization="w8a8")
+    first = load_model(source, dtype="float32", device="cpu", quantization="w8a8", calibration_cache=str(tmp_path))
+    (file,) = tmp_path.glob("calibration-*.pt")
+    calls = []
+    real = quant.input_absmax
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    quant.input_absmax = counted
+    try:
+        second = load_model(source, dtype="float32", device="cpu", quantization="w8a8", calibration_cache=str(tmp_path))
+    finally:
+        quant.input_absmax = real
+    assert not calls  # the second load read the file instead of calibrating
+    x = torch.randn(3, fresh.spec.hidden_size)
+    for a, b in ((fresh, first), (fresh, second)):
+        for la, lb in zip(a.model.model.layers, b.model.model.layers, strict=True):
+            assert torch.equal(la.mlp.gate_up_proj.inv_smooth, lb.mlp.gate_up_proj.inv_smooth)
+            assert torch.equal(la.mlp.gate_up_proj(x), lb.mlp.gate_up_proj(x))
+    file.write_bytes(b"not a torch file")  # a damaged cache is recomputed, not an error
+    third = load_model(source, dtype="float32", device="cpu", quantization="w8a8", calibration_cache=str(tmp_path))
+    assert torch.equal(third.model.lm_head.inv_smooth, fresh.model.lm_head.inv_smooth)

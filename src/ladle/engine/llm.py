@@ -35,6 +35,7 @@ def build_engine(config: EngineConfig, loaded=None) -> EngineCore:
             mc.attention_backend,
             mc.max_model_len,
             mc.quantization,
+            calibration_cache=mc.calibration_cache,
         )
     bs = config.cache.block_size
     max_len = min(loaded.max_model_len, mc.max_model_len or loaded.max_model_len)

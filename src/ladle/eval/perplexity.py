@@ -96,6 +96,7 @@ def perplexity(loaded, text: str, context: int = 1024, text_name: str = "") -> P
 def main(args) -> int:
     import json
 
+    from ladle.cli import calibration_cache_dir
     from ladle.model.loader import load_model
     from ladle.model.source import resolve_model
 
@@ -108,6 +109,7 @@ def main(args) -> int:
         args.device,
         max_model_len=args.max_model_len,
         quantization=args.quantization,
+        calibration_cache=calibration_cache_dir(args),
     )
     result = perplexity(loaded, path.read_text(encoding="utf-8"), args.context, path.name)
     if args.json:

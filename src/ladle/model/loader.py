@@ -15,7 +15,7 @@ from ladle.model.attention import resolve_backend_name
 from ladle.model.gguf_loader import GGUFFile
 from ladle.model.hf_loader import HFFolder
 from ladle.model.packed import pack_linears, packing_available
-from ladle.model.quant import input_absmax, quantize_from_gguf, quantize_model
+from ladle.model.quant import cached_input_absmax, quantize_from_gguf, quantize_model
 from ladle.model.registry import MODEL_CLASSES
 from ladle.model.source import ModelSource
 from ladle.model.spec import TransformerSpec
@@ -55,9 +55,11 @@ def load_model(
     max_model_len: int | None = None,
     quantization: str = "none",
     pack: bool = True,
+    calibration_cache: str | None = None,
 ) -> LoadedModel:
     """pack=False keeps plain nn.Linear layers (for tools and tests that read the weights) where
-    they would be reordered for oneDNN."""
+    they would be reordered for oneDNN. calibration_cache: a folder where w8a8's calibration is
+    kept between loads (None: calibrated at every load)."""
     started = time.perf_counter()
     files = open_model_files(source)
     spec = files.spec()
@@ -91,7 +93,8 @@ def load_model(
         if device_name != "cpu":
             raise LadleError("--quantization w8a8 runs on CPUs only (int8 x int8 products); use int8 on a GPU")
         float_model = LoadedModel(source, spec, tokenizer, model.eval(), torch_dtype, torch.device("cpu"), max_len)
-        quantize_model(model, quantization, input_absmax=input_absmax(float_model))
+        stats = cached_input_absmax(float_model, calibration_cache)
+        quantize_model(model, quantization, input_absmax=stats)
     else:
         quantize_model(model, quantization)
     if pack and packing_available(torch_dtype, torch.device(device_name)):
