@@ -145,3 +145,17 @@ def test_temperature_sampling_follows_the_distribution():
     expected = probs * 4000
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
     assert chi2 < 16.27  # p = 0.001 with 3 degrees of freedom
+
+
+def test_a_draw_never_picks_a_token_of_probability_zero():
+    """The inverse-CDF draw at both ends of the vocabulary and between kept tokens, with the
+    request's own generator and the shared one."""
+    probs = torch.zeros(3, 50)
+    probs[0, 1] = 1.0  # one token, after a zero at the front
+    probs[1, [10, 30]] = torch.tensor([1e-30, 2.0])  # a tiny one beside a large one
+    probs[2, 49] = 3.0  # the last token only
+    sampler = Sampler(seed=1)
+    seeded = torch.Generator().manual_seed(5)
+    for _ in range(200):
+        tokens = sampler._draw(probs, [None, seeded, None]).tolist()
+        assert tokens[0] == 1 and tokens[1] in (10, 30) and tokens[2] == 49

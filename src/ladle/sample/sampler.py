@@ -4,9 +4,12 @@ Order of operations (as in vLLM): logprobs of the raw model distribution are tak
 logit bias, min_tokens suppression, penalties (repetition, frequency, presence); greedy rows take
 the argmax; the others are scaled by temperature, filtered by min_p, top_k and top_p, and drawn.
 
-A draw is argmax(p / q) with q ~ Exp(1) per token (the exponential race, equivalent to drawing
-from p). A request with a seed draws its q from its own generator, so its text does not depend on
-what else is in the batch; the others share the engine's generator.
+A draw inverts the row's cumulative distribution at one uniform number u: the first token whose
+running sum (in float64) exceeds u times the total; tokens filtered out have p = 0 and are never
+picked. One random number per row (the exponential race it replaced drew one per vocabulary entry:
+3 ms a row on a 2-core EPYC, against ~0.3 ms). A request with a seed draws its u from its own
+generator, so its text does not depend on what else is in the batch; the others share the
+engine's generator.
 
 Speculative decoding (`sample` with guesses): row j of a request holds the model's distribution
 p_j after its j-th guess g_j. Greedy requests keep the guesses while they equal the argmax and
@@ -66,7 +69,7 @@ class Sampler:
         if greedy:
             tokens[greedy] = logits[greedy].argmax(dim=-1)
         probs = self._probs(logits[drawn], [specs[i] for i in drawn])
-        tokens[drawn] = self._race(probs, [generators[i] for i in drawn])
+        tokens[drawn] = self._draw(probs, [generators[i] for i in drawn])
         return SamplerOutput(tokens, self._logprobs(raw_logprobs, tokens, specs), probs if want_probs else None)
 
     def sample(self, logits: torch.Tensor, groups: list[SampleGroup]):
@@ -112,7 +115,7 @@ class Sampler:
         """Rejection sampling of one request's guesses against p [K+1, V]."""
         k = len(g.guesses)
         if not k:
-            return self._race(p, [g.generator]).tolist()
+            return self._draw(p, [g.generator]).tolist()
         guesses = torch.tensor(g.guesses, device=p.device)
         p_guess = p[:k].gather(1, guesses[:, None])[:, 0]
         q_guess = (
@@ -122,7 +125,7 @@ class Sampler:
         kept = (u * q_guess < p_guess).tolist()  # u < p/q, without dividing by q
         accepted = kept.index(False) if False in kept else k
         if accepted == k:  # every guess kept: one more token from the last row
-            last = self._race(p[k : k + 1], [g.generator])
+            last = self._draw(p[k : k + 1], [g.generator])
             return g.guesses + last.tolist()
         row = p[accepted]
         if g.guess_probs is None:  # point mass: max(p - q, 0) is p without the guessed token
@@ -132,7 +135,7 @@ class Sampler:
             residual = (row - g.guess_probs[accepted]).clamp_min_(0)
         if residual.sum() <= 0:  # p == q: a rejection has probability 0; never divide by nothing
             residual = row
-        return g.guesses[:accepted] + self._race(residual[None], [g.generator]).tolist()
+        return g.guesses[:accepted] + self._draw(residual[None], [g.generator]).tolist()
 
     # -- logit processing ------------------------------------------------------------------------
 
@@ -198,17 +201,19 @@ class Sampler:
             logits = _top_k_top_p(logits, top_k, top_p)
         return torch.softmax(logits, dim=-1)
 
-    def _race(self, probs: torch.Tensor, generators) -> torch.Tensor:
-        """One draw per row of (unnormalised) probabilities: argmax(p / q), q ~ Exp(1)."""
+    def _draw(self, probs: torch.Tensor, generators) -> torch.Tensor:
+        """One draw per row of (unnormalised) probabilities [N, V] → [N] token ids."""
         device = probs.device
-        q = torch.empty_like(probs)
+        u = torch.empty(probs.shape[0], 1, dtype=torch.float64, device=device)
         shared = [i for i, g in enumerate(generators) if g is None]
         if shared:
-            q[shared] = torch.empty(len(shared), probs.shape[1], device=device).exponential_(generator=self.generator)
+            u[shared] = torch.rand(len(shared), 1, dtype=torch.float64, device=device, generator=self.generator)
         for i, g in enumerate(generators):
             if g is not None:
-                q[i].exponential_(generator=g)
-        return (probs / q).argmax(dim=-1)
+                u[i] = torch.rand(1, dtype=torch.float64, device=device, generator=g)
+        cumulative = probs.double().cumsum(dim=-1)  # [N, V]
+        tokens = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True)[:, 0]
+        return tokens.clamp_(max=probs.shape[1] - 1)  # u * total rounds to total at worst
 
     @staticmethod
     def _logprobs(raw: torch.Tensor | None, tokens: torch.Tensor, specs: list[SampleSpec]):
