@@ -7,9 +7,10 @@ then runs embedding, layers and final norm in C++ with the same kernels in the s
 modules (the same outputs bit for bit, which a test checks against the modules).
 
 It applies where every piece has a compiled form: a Llama-family model on the CPU with the `cpu`
-attention backend (C++ kernels built), and each projection a plain `nn.Linear`, a `PackedLinear` (oneDNN), a `W8A8Linear`, or
-an `Int8Linear` on its few-rows path. Elsewhere (`sdpa`, int4 weights, a GPU) `build_decode_plan`
-returns None and the modules run; steps with a prompt chunk in them always take the modules.
+attention backend (C++ kernels built), and each projection a plain `nn.Linear`, a `PackedLinear`
+(oneDNN), a `W8A8Linear`, or an `Int8Linear` on its few-rows path. Elsewhere (`sdpa`, int4
+weights, a GPU) `build_decode_plan` returns None and the modules run; steps with a prompt chunk in
+them always take the modules.
 """
 
 from __future__ import annotations

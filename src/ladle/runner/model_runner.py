@@ -142,7 +142,8 @@ class ModelRunner:
         input_ids, positions, meta, logit_rows = self.prepare(chunks)
         plan, rows = self.decode_plan, len(input_ids)
         if plan is not None and not meta.prefills and meta.num_decode_tokens == rows <= plan.max_rows:
-            hidden = plan.run(input_ids, positions, meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens)
+            tables, lens = meta.decode_block_tables, meta.decode_context_lens
+            hidden = plan.run(input_ids, positions, meta.slot_mapping, tables, lens)
         else:
             hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
         if not len(logit_rows):
