@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ladle import __version__
-from ladle.config import QUANTIZATION_METHODS
+from ladle.config import QUANTIZATION_METHODS, ModelConfig
 from ladle.errors import LadleError
 
 EXIT_USER_ERROR = 2
@@ -46,7 +46,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--calibration-cache",
-        default="~/.cache/ladle/calibration",
+        default=ModelConfig.calibration_cache,
+        type=lambda value: None if value in ("", "none") else value,
         metavar="DIR",
         help="where w8a8 keeps its calibration between starts (a few seconds of every start on a small "
         "CPU); 'none' calibrates at every start",
@@ -84,13 +85,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def calibration_cache_dir(args: argparse.Namespace) -> str | None:
-    value = getattr(args, "calibration_cache", None)
-    return None if value in (None, "", "none") else value
-
-
 def _engine_config(args: argparse.Namespace):
-    from ladle.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+    from ladle.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 
     return EngineConfig(
         model=ModelConfig(
@@ -100,7 +96,7 @@ def _engine_config(args: argparse.Namespace):
             device=args.device,
             max_model_len=args.max_model_len,
             quantization=args.quantization,
-            calibration_cache=calibration_cache_dir(args),
+            calibration_cache=args.calibration_cache,
         ),
         cache=CacheConfig(
             block_size=args.block_size,

@@ -96,7 +96,6 @@ def perplexity(loaded, text: str, context: int = 1024, text_name: str = "") -> P
 def main(args) -> int:
     import json
 
-    from ladle.cli import calibration_cache_dir
     from ladle.model.loader import load_model
     from ladle.model.source import resolve_model
 
@@ -109,7 +108,7 @@ def main(args) -> int:
         args.device,
         max_model_len=args.max_model_len,
         quantization=args.quantization,
-        calibration_cache=calibration_cache_dir(args),
+        calibration_cache=args.calibration_cache,
     )
     result = perplexity(loaded, path.read_text(encoding="utf-8"), args.context, path.name)
     if args.json:

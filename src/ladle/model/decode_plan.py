@@ -24,21 +24,19 @@ from ladle.model.quant import Int8Linear, W8A8Linear
 
 # projection forms of the C++ plan (LinearKind in cpu_kernels.cpp)
 DENSE, W8A8_PANELS, W8A8_INT_MM, INT8, ONEDNN = 0, 1, 2, 3, 4
+ANY_ROWS = 1 << 30  # a form whose compiled call takes any number of rows
 
 
 def linear_spec(module: nn.Module) -> tuple[int, list[torch.Tensor], torch.Tensor | None, int] | None:
     """(form, tensors, bias, most rows) of a projection, as the module computes it at few rows;
     None for a form the plan does not have."""
     if type(module) is nn.Linear:
-        return DENSE, [module.weight], module.bias, 1 << 30
+        return DENSE, [module.weight], module.bias, ANY_ROWS
     if isinstance(module, PackedLinear):
-        return ONEDNN, [module.packed_weight], module.bias, 1 << 30
-    if isinstance(module, W8A8Linear):
-        if module.kernels is None:
-            return None
-        if module.panels:
-            return W8A8_PANELS, [module.qweight, module.inv_smooth, module.w_scale], module.bias, 1 << 30
-        return W8A8_INT_MM, [module.qweight, module.inv_smooth, module.w_scale], module.bias, 1 << 30
+        return ONEDNN, [module.packed_weight], module.bias, ANY_ROWS
+    if isinstance(module, W8A8Linear) and module.kernels is not None:
+        form = W8A8_PANELS if module.panels else W8A8_INT_MM  # the qweight's layout says which product
+        return form, [module.qweight, module.inv_smooth, module.w_scale], module.bias, ANY_ROWS
     if isinstance(module, Int8Linear) and module.kernels is not None:
         # int8_linear serves up to packed_max_rows; beyond it the module dequantizes tiles
         return INT8, [module.qweight, module.scales], module.bias, module.packed_max_rows
@@ -70,7 +68,7 @@ def build_decode_plan(model: nn.Module, kv_caches: list[tuple[torch.Tensor, torc
         m.embed_tokens.weight, m.norm.weight, m.norm.eps, m.rotary.cos_sin,
         spec.num_heads, spec.num_kv_heads, spec.head_dim, attn0.scale,
     )  # fmt: skip
-    max_rows = 1 << 30
+    max_rows = ANY_ROWS
     for layer, (k_cache, v_cache) in zip(m.layers, kv_caches, strict=True):
         specs = [linear_spec(p) for p in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                           layer.mlp.gate_up_proj, layer.mlp.down_proj)]  # fmt: skip

@@ -333,7 +333,11 @@ def calibration_key(loaded, num_tokens: int = CALIBRATION_TOKENS, seed: int = 0)
 
     path = loaded.source.path
     files = sorted(path.iterdir()) if path.is_dir() else [path]
-    parts = [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
+    parts = []
+    for f in files:
+        if f.is_file():
+            st = f.stat()
+            parts.append(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}")
     parts += [str(loaded.dtype), loaded.attention_backend, str(min(num_tokens, loaded.max_model_len)), str(seed)]
     parts += [torch.__version__, ladle.__version__]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]

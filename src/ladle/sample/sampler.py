@@ -7,7 +7,7 @@ the argmax; the others are scaled by temperature, filtered by min_p, top_k and t
 A draw inverts the row's cumulative distribution at one uniform number u: the first token whose
 running sum (in float64) exceeds u times the total; tokens filtered out have p = 0 and are never
 picked. One random number per row (the exponential race it replaced drew one per vocabulary entry:
-3 ms a row on a 2-core EPYC, against ~0.3 ms). A request with a seed draws its u from its own
+3 ms a row on a 2-core EPYC, against ~0.4 ms). A request with a seed draws its u from its own
 generator, so its text does not depend on what else is in the batch; the others share the
 engine's generator.
 
