@@ -249,10 +249,13 @@ def test_w8a8_model_calibrates_and_keeps_greedy_tokens_batch_independent(tiny_mo
     assert together == alone
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (7, 50, 33), (13, 16, 2), (100, 130, 576), (6, 1, 7)])
+@pytest.mark.parametrize(
+    "m,n,k", [(1, 96, 64), (7, 50, 33), (13, 16, 2), (100, 130, 576), (6, 1, 7), (200, 1000, 64)]
+)
 def test_int8_gemm_gives_the_integers_of_torch_int_mm(m, n, k):
     """Ladle's AVX2 int8 product (used where torch._int_mm has no VNNI path) is exact: the same
-    int32 sums, at any row count, panel remainder and odd input count, at the extremes of int8."""
+    int32 sums, at any row count, panel remainder and odd input count, at the extremes of int8,
+    on one thread and on several (the threads take runs of panels as they come free)."""
     from ladle.model.quant import _cpu_kernels, pack_int8_panels
 
     kernels = _cpu_kernels()
@@ -264,7 +267,13 @@ def test_int8_gemm_gives_the_integers_of_torch_int_mm(m, n, k):
     a[0, :] = 127  # the largest sums the int32 accumulators must hold
     w[0, :] = -127
     expected = (a.long() @ w.long().t()).int()
-    assert torch.equal(kernels.int8_gemm(a, pack_int8_panels(w), n), expected)
+    threads = torch.get_num_threads()
+    try:
+        for t in sorted({1, 2, threads}):
+            torch.set_num_threads(t)
+            assert torch.equal(kernels.int8_gemm(a, pack_int8_panels(w), n), expected), t
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_w8a8_panel_layout_gives_the_same_outputs_as_int_mm():
