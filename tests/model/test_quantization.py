@@ -249,9 +249,7 @@ def test_w8a8_model_calibrates_and_keeps_greedy_tokens_batch_independent(tiny_mo
     assert together == alone
 
 
-@pytest.mark.parametrize(
-    "m,n,k", [(1, 96, 64), (7, 50, 33), (13, 16, 2), (100, 130, 576), (6, 1, 7), (200, 1000, 64)]
-)
+@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (7, 50, 33), (13, 16, 2), (100, 130, 576), (6, 1, 7), (200, 1000, 64)])
 def test_int8_gemm_gives_the_integers_of_torch_int_mm(m, n, k):
     """Ladle's AVX2 int8 product (used where torch._int_mm has no VNNI path) is exact: the same
     int32 sums, at any row count, panel remainder and odd input count, at the extremes of int8,
