@@ -304,29 +304,27 @@ void decode_item_bf16(const c10::BFloat16* q, const c10::BFloat16* k_cache, cons
 }
 #endif
 
-// Work handed out in chunks from a shared counter: on a shared host one vCPU often runs slower
-// than the other for a while, and a split fixed up front leaves the fast thread waiting at the
-// barrier (9.6% of c32's thread time at the end of w8a8 layers on a 2-core EPYC). Chunks go out in
-// index order; each index is computed exactly as before, so the results do not depend on who
-// took it. make_worker() runs once per thread (its buffers), the worker once per chunk.
-template <typename MakeWorker>
-void parallel_chunks(int64_t count, int64_t chunk, const MakeWorker& make_worker) {
-  struct alignas(64) Counter {  // a line of its own: beside the captured locals the workers read,
-                                // every take stalled them (one-row products 12-25% slower)
+// Items handed out one at a time from a shared counter: on a shared host one vCPU often runs
+// slower than the other for a while, and a split fixed up front leaves the fast thread waiting at
+// the barrier (9.6% of c32's thread time at the end of w8a8 layers on a 2-core EPYC). Items go out
+// in index order; each is computed the same whoever takes it, so the results do not depend on the
+// threads.
+template <typename Work>
+void parallel_items(int64_t count, const Work& work) {
+  const int64_t threads = std::max(1, at::get_num_threads());
+  if (count <= threads) {  // an item per thread: nothing to balance, and a thread woken late must not
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {  // see the early one take its item
+      for (int64_t item = begin; item < end; ++item) work(item);
+    });
+    return;
+  }
+  struct alignas(64) Counter {  // a line of its own, away from the locals the workers read
     std::atomic<int64_t> value{0};
     char pad[64 - sizeof(std::atomic<int64_t>)];
   } next;
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (count + chunk - 1) / chunk));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    auto work = make_worker();
-    for (int64_t begin = next.value.fetch_add(chunk); begin < count; begin = next.value.fetch_add(chunk))
-      work(begin, std::min(begin + chunk, count));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t item = next.value.fetch_add(1); item < count; item = next.value.fetch_add(1)) work(item);
   });
-}
-
-// chunks of about an eighth of a thread's share, at least one item
-inline int64_t chunk_of(int64_t count) {
-  return std::max<int64_t>(1, count / (8 * std::max<int64_t>(1, at::get_num_threads())));
 }
 
 template <typename T>
@@ -966,30 +964,30 @@ void int8_panels(const int16_t* a16, int64_t M, const Panels& w, int64_t N, cons
   // decode is cut in halves as before: its products are too short to gain from finer cuts.
   const int64_t pass_rows = std::min(M, kRowChunk), threads = std::max(1, at::get_num_threads());
   const int64_t share = (w.count + threads - 1) / threads;
-  const int64_t run = std::min(share, std::max(chunk_of(w.count), (64 + pass_rows - 1) / pass_rows));
+  const int64_t eighth = std::max<int64_t>(1, w.count / (8 * threads));
+  const int64_t run = std::min(share, std::max(eighth, (64 + pass_rows - 1) / pass_rows));
   const int64_t runs = (w.count + run - 1) / run;
   const int64_t passes = (M + kRowChunk - 1) / kRowChunk;
-  parallel_chunks(passes * runs, 1, [&] {
-    return [&, tile = std::vector<int32_t>(kRowTile * kPanel)](int64_t item, int64_t) mutable {
-      const int64_t m0 = (item / runs) * kRowChunk, m1 = std::min(m0 + kRowChunk, M);
-      const int64_t begin = (item % runs) * run, end = std::min(begin + run, w.count);
-      for (int64_t panel = begin; panel < end; ++panel) {
-        const int8_t* pw = w.data + panel * w.pairs * kPanel * 2;
-        const int64_t n0 = panel * kPanel, cols = std::min(kPanel, N - n0);
-        for (int64_t m = m0; m < m1; m += kRowTile) {
-          const int64_t rows = std::min<int64_t>(kRowTile, m1 - m);
-          const int16_t* am = a16 + m * lda;
-          int32_t* t = tile.data();
-          switch (rows) {
-            case 4: int8_tile<4>(am, lda, pw, w.pairs, t); break;
-            case 3: int8_tile<3>(am, lda, pw, w.pairs, t); break;
-            case 2: int8_tile<2>(am, lda, pw, w.pairs, t); break;
-            default: int8_tile<1>(am, lda, pw, w.pairs, t); break;
-          }
-          sink(m, rows, n0, cols, t);
+  parallel_items(passes * runs, [&](int64_t item) {
+    alignas(32) int32_t tile[kRowTile * kPanel];  // on the stack: a tile kept in the closure made
+                                                  // one-row products 40% slower
+    const int64_t m0 = (item / runs) * kRowChunk, m1 = std::min(m0 + kRowChunk, M);
+    const int64_t begin = (item % runs) * run, end = std::min(begin + run, w.count);
+    for (int64_t panel = begin; panel < end; ++panel) {
+      const int8_t* pw = w.data + panel * w.pairs * kPanel * 2;
+      const int64_t n0 = panel * kPanel, cols = std::min(kPanel, N - n0);
+      for (int64_t m = m0; m < m1; m += kRowTile) {
+        const int64_t rows = std::min<int64_t>(kRowTile, m1 - m);
+        const int16_t* am = a16 + m * lda;
+        switch (rows) {
+          case 4: int8_tile<4>(am, lda, pw, w.pairs, tile); break;
+          case 3: int8_tile<3>(am, lda, pw, w.pairs, tile); break;
+          case 2: int8_tile<2>(am, lda, pw, w.pairs, tile); break;
+          default: int8_tile<1>(am, lda, pw, w.pairs, tile); break;
         }
+        sink(m, rows, n0, cols, tile);
       }
-    };
+    }
   });
 }
 
@@ -1043,7 +1041,6 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor inv_smooth, torch::Tens
   return out;
 }
 
-
 // ---- a whole decode step in one call -------------------------------------------------------------
 //
 // At a few rows a decoder layer is ~10 small calls; made from Python each costs more than its work
@@ -1070,8 +1067,9 @@ torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& packed,
 
 struct PlanLinear {
   int64_t kind;
-  std::vector<torch::Tensor> t;  // kDense: weight; kPacked: the reordered weight; kW8A8: packed, inv_smooth, w_scale; kW8A8Mm: int8 [N, K]
-                                 // weight, inv_smooth, w_scale; kInt8: qweight, scales
+  // kDense: weight; kPacked: the reordered weight; kW8A8: packed, inv_smooth, w_scale;
+  // kW8A8Mm: int8 [N, K] weight, inv_smooth, w_scale; kInt8: qweight, scales
+  std::vector<torch::Tensor> t;
   c10::optional<torch::Tensor> bias;
 
   torch::Tensor operator()(const torch::Tensor& x) const {
