@@ -212,8 +212,12 @@ class Sampler:
             if g is not None:
                 u[i] = torch.rand(1, dtype=torch.float64, device=device, generator=g)
         cumulative = probs.double().cumsum(dim=-1)  # [N, V]
-        tokens = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True)[:, 0]
-        return tokens.clamp_(max=probs.shape[1] - 1)  # u * total rounds to total at worst
+        total = cumulative[:, -1:]
+        # u * total can round up to total; kept below it, the search stops at the last token with
+        # p > 0 rather than past the end (and a clamp there could land on a filtered-out token)
+        target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+        tokens = torch.searchsorted(cumulative, target, right=True)[:, 0]
+        return tokens.clamp_(max=probs.shape[1] - 1)  # a row without mass (never sent) stays in range
 
     @staticmethod
     def _logprobs(raw: torch.Tensor | None, tokens: torch.Tensor, specs: list[SampleSpec]):
