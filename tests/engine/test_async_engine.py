@@ -8,14 +8,19 @@ import time
 import pytest
 
 from ladle.engine.async_engine import AsyncEngine
+from ladle.engine.core import EngineOwnershipError
 from ladle.engine.llm import LLM
 from ladle.errors import InvalidRequestError
 from ladle.sample.params import SamplingParams
 
 
+def offline_llm(tiny_models) -> LLM:
+    return LLM(str(tiny_models["qwen2"].hf_dir), dtype="float32", device="cpu", kv_cache_memory_gib=0.05)
+
+
 @pytest.fixture
 def engine(tiny_models):
-    llm = LLM(str(tiny_models["qwen2"].hf_dir), dtype="float32", device="cpu", kv_cache_memory_gib=0.05)
+    llm = offline_llm(tiny_models)
     eng = AsyncEngine(llm.engine)
     eng.start()
     yield eng, llm
@@ -29,11 +34,13 @@ async def collect(eng, rid, ids, params):
     return deltas
 
 
-def test_streamed_deltas_add_up_to_the_offline_result(engine):
+def test_streamed_deltas_add_up_to_the_offline_result(engine, tiny_models):
     eng, llm = engine
     ids = llm.tokenizer.encode("The quick brown fox")
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    expected = llm.generate([ids], params)[0]
+    # the offline reference runs on an engine of its own: the fixture's is driven by the loop thread
+    expected = offline_llm(tiny_models).generate([ids], params)[0]
+    assert len(expected.token_ids) == 20
 
     async def main():
         return await asyncio.gather(*(collect(eng, f"r{i}", ids, params) for i in range(4)))
@@ -43,6 +50,33 @@ def test_streamed_deltas_add_up_to_the_offline_result(engine):
         assert [t for d in deltas for t in d.new_token_ids] == expected.token_ids
         assert deltas[-1].finished and deltas[-1].finish_reason == "length"
         assert deltas[-1].metrics is not None and deltas[-1].metrics.first_token_s is not None
+
+
+def test_a_second_thread_driving_a_running_engine_fails_at_once(engine):
+    eng, llm = engine
+    ids = llm.tokenizer.encode("The quick brown fox")
+    # the loop thread claims the engine as it starts; wait for that without relying on timing
+    asyncio.run(eng.call(lambda core: None))
+    with pytest.raises(EngineOwnershipError, match="AsyncEngine's loop thread"):
+        llm.generate([ids], SamplingParams(max_tokens=4))
+    with pytest.raises(EngineOwnershipError):
+        llm.engine.step()
+    with pytest.raises(EngineOwnershipError):
+        llm.engine.abort("nobody")
+    assert not llm.engine.has_unfinished()  # the refused request never reached the scheduler
+    eng.shutdown()
+    assert len(llm.generate([ids], SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids) == 4  # released
+
+
+def test_a_call_runs_on_the_loop_thread_between_steps(engine):
+    import threading
+
+    eng, _ = engine
+
+    async def main():
+        return await eng.call(lambda core: threading.current_thread().name)
+
+    assert asyncio.run(main()) == "ladle-engine"
 
 
 def test_leaving_the_stream_aborts_and_frees_every_block(engine):

@@ -49,7 +49,7 @@ def run_ladle(llm, prompts: list[list[int]], output_len: int) -> ThroughputResul
 
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # warm up
-    llm.engine.kv.reset_prefix_cache()
+    llm.engine.reset_prefix_cache()
     start = time.perf_counter()
     results = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start

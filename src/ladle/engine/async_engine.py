@@ -47,6 +47,13 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Call:
+    fn: Callable[[EngineCore], object]  # runs on the loop thread, between steps
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
 class _Stream:
     def __init__(self, loop: asyncio.AbstractEventLoop, num_samples: int):
         self.loop = loop
@@ -163,6 +170,17 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self.commands.put(_Abort(request_id))
 
+    async def call(self, fn: Callable[[EngineCore], object]):
+        """Run fn(engine) on the loop thread between two steps and return its result: the way for
+        a caller to reach the engine's state while the loop drives it."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.commands.put(_Call(fn, loop, future))
+        return await future
+
+    async def reset_prefix_cache(self) -> None:
+        await self.call(EngineCore.reset_prefix_cache)
+
     def abort_all(self) -> None:
         with self._lock:
             ids = list(self.streams)
@@ -182,6 +200,13 @@ class AsyncEngine:
     # -- the loop thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        self.engine.claim("an AsyncEngine's loop thread")
+        try:
+            self._loop()
+        finally:
+            self.engine.release()
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             busy = self.engine.has_unfinished()
             if not self._apply_commands(block=not busy):
@@ -214,6 +239,9 @@ class AsyncEngine:
         if isinstance(command, _Abort):
             self.engine.abort(command.request_id)
             return
+        if isinstance(command, _Call):
+            self._apply_call(command)
+            return
         with self._lock:
             live = command.request_id in self.streams
             self._num_pending_adds -= 1
@@ -225,6 +253,14 @@ class AsyncEngine:
             )
         except Exception as e:
             self._dispatch_error(command.request_id, e)
+
+    def _apply_call(self, command: _Call) -> None:
+        try:
+            result = command.fn(self.engine)
+        except Exception as e:  # the caller gets it
+            command.loop.call_soon_threadsafe(_settle, command.future, None, e)
+            return
+        command.loop.call_soon_threadsafe(_settle, command.future, result, None)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         if not outputs:
@@ -254,6 +290,15 @@ class AsyncEngine:
                 log.exception("abort after a failed step")
             self._dispatch_error(request_id, EngineDeadError(f"the engine step failed: {error}"))
         self.engine.pending_outputs.clear()
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _put_all(q: asyncio.Queue, items: list) -> None:

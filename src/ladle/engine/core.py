@@ -1,11 +1,15 @@
 """The engine core: requests in, one scheduled step at a time, token deltas out.
 
 Plain Python: tensors stay in the executor (the model runner) it is given. Not thread-safe: one
-thread drives it (the caller of `LLM.generate`, or the async engine's loop thread).
+thread drives it (the caller of `LLM.generate`, or the async engine's loop thread). A loop thread
+claims the engine (`claim`); while it holds it, a call from any other thread that would change
+the engine's state fails at once with `EngineOwnershipError` instead of racing the loop for
+requests and outputs.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -16,7 +20,7 @@ from ladle.engine.outputs import RequestMetrics, RequestOutput
 from ladle.engine.request import FinishReason, Request, RequestStatus
 from ladle.engine.scheduler import ScheduledChunk, Scheduler
 from ladle.engine.speculative import DraftProposer, NgramProposer, SpeculationPolicy
-from ladle.errors import InvalidRequestError
+from ladle.errors import InvalidRequestError, LadleError
 from ladle.model.tokenizer import Tokenizer
 from ladle.runner.step import SampleSpec, StepBatch, StepRequest, StepResult, TokenLogprobs
 from ladle.sample.params import SamplingParams
@@ -81,6 +85,10 @@ class EngineStats:
         return 1.0 + self.spec_num_accepted_tokens / self.spec_num_drafts if self.spec_num_drafts else 0.0
 
 
+class EngineOwnershipError(LadleError):
+    """A thread other than the one that claimed the engine tried to drive it."""
+
+
 class EngineCore:
     def __init__(
         self,
@@ -110,6 +118,7 @@ class EngineCore:
         self.finished_since_step: list[str] = []
         self.pending_outputs: list[RequestOutput] = []  # aborts, reported by the next step
         self.stats = EngineStats(num_kv_blocks=num_blocks)
+        self._owner: tuple[int, str] | None = None  # (thread id, who) of the thread that drives the engine
         spec = config.speculative
         self.spec_policy = SpeculationPolicy(spec)
         self.proposer = None
@@ -117,6 +126,26 @@ class EngineCore:
             self.proposer = NgramProposer(spec)
         elif spec.method == "draft":
             self.proposer = DraftProposer(spec, executor, self.kv)
+
+    # -- which thread drives it --------------------------------------------------------------------
+
+    def claim(self, owner: str) -> None:
+        """Make the calling thread the only one that may add, abort or step (`owner` names it in errors)."""
+        self._check_thread()
+        self._owner = (threading.get_ident(), owner)
+
+    def release(self) -> None:
+        if self._owner is not None and self._owner[0] == threading.get_ident():
+            self._owner = None
+
+    def _check_thread(self) -> None:
+        owner = self._owner
+        if owner is not None and owner[0] != threading.get_ident():
+            raise EngineOwnershipError(
+                f"this engine is driven by {owner[1]} (thread {owner[0]}); a second thread may not add, abort "
+                "or step requests on it. Send requests through that driver (AsyncEngine.generate), or build "
+                "another engine for this thread (LLM(..., loaded=...) shares the weights)."
+            )
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -129,6 +158,7 @@ class EngineCore:
         cache_salt: str | None = None,
         arrival_s: float | None = None,
     ) -> None:
+        self._check_thread()
         self.validate(prompt_token_ids, params)
         if request_id in self.groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
@@ -181,11 +211,17 @@ class EngineCore:
 
     def abort(self, request_id: str) -> None:
         """End every sample of the request; the final deltas come with the next step."""
+        self._check_thread()
         for request in self.groups.get(request_id, []):
             if not request.is_finished:
                 self._finish(request, FinishReason.ABORT)
                 self.pending_outputs.append(self._output(request, [], None))
         self._forget_group(request_id)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix block (the blocks of running requests stay theirs)."""
+        self._check_thread()
+        self.kv.reset_prefix_cache()
 
     def has_unfinished(self) -> bool:
         return bool(self.groups) or bool(self.pending_outputs)
@@ -193,6 +229,7 @@ class EngineCore:
     # -- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        self._check_thread()
         outputs, self.pending_outputs = self.pending_outputs, []
         sched = self.scheduler.schedule()
         if sched.is_empty:

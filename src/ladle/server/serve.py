@@ -138,7 +138,7 @@ async def _warm_up(engine) -> None:
 
     started = time.monotonic()
     await asyncio.gather(*(one(i, n) for i, n in enumerate(WARMUP_PROMPT_LENGTHS)))
-    engine.engine.kv.reset_prefix_cache()
+    await engine.reset_prefix_cache()
     log.info("warm-up done in %.1f s", time.monotonic() - started)
 
 
