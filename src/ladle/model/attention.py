@@ -34,12 +34,20 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None  # [B_dec] int64: context length incl. the new token
     prefills: list[PrefillChunk] = field(default_factory=list)  # after the decodes, in batch order
     max_decode_context_len: int = 0  # max of decode_context_lens, as a Python int (no device sync)
+    # every token of the step as a decode of its own (for backends with rows_as_decodes):
+    row_block_tables: torch.Tensor | None = None  # [T, max_blocks] int64: the block table of each token's request
+    row_context_lens: torch.Tensor | None = None  # [T] int64: each token's position + 1
 
 
 class AttentionBackend:
     """Computes attention for one layer. Subclasses register under a name in BACKENDS."""
 
     name = ""
+    # True: the backend computes every token as a decode (its own query row over its request's
+    # cache up to its position), so a token's attention is the same bits whether it came in a
+    # prompt chunk of any size, a recomputation, a speculative verification or a decode step. The
+    # runner then fills AttentionMetadata.row_block_tables and row_context_lens.
+    rows_as_decodes = False
 
     def forward(
         self,
@@ -160,10 +168,14 @@ class TorchSDPABackend(AttentionBackend):
 
 @register_backend
 class PagedCPUBackend(TorchSDPABackend):
-    """The SDPA backend with decode attention done by a C++ kernel that reads K/V in place through
-    the block tables (no gathered copy). Prefill chunks still go through SDPA."""
+    """Attention by a C++ kernel that reads K/V in place through the block tables (no gathered
+    copy), for every token of the step: a prompt token is computed as the decode of its position
+    would be. The batch, the chunking of a prompt, a prefix-cache hit, a recomputation after
+    preemption and a speculative verification then leave every token's bits unchanged (a test
+    holds it). Cost against SDPA's tiled prefill: see the README's identity section."""
 
     name = "cpu"
+    rows_as_decodes = True
     _kernels = None  # one compiled module per process, shared by every model
 
     @classmethod
@@ -186,6 +198,12 @@ class PagedCPUBackend(TorchSDPABackend):
             raise LadleError(f"the cpu attention backend could not be built ({self.loader().failure}); use sdpa")
         self.kernel = module.paged_decode_attention
         self.write_slots = module.write_kv_slots
+
+    def forward(self, q, k, v, kv_cache, meta, scale):
+        if q.device.type != "cpu" or meta.row_block_tables is None:
+            return super().forward(q, k, v, kv_cache, meta, scale)
+        self.write_kv(kv_cache, k, v, meta.slot_mapping)  # every token's K/V first: the rows read them
+        return self.kernel(q.contiguous(), kv_cache[0], kv_cache[1], meta.row_block_tables, meta.row_context_lens, scale)
 
     def write_kv(self, kv_cache, k, v, slots):
         if k.device.type != "cpu":

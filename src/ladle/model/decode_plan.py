@@ -27,19 +27,19 @@ DENSE, W8A8_PANELS, W8A8_INT_MM, INT8, ONEDNN = 0, 1, 2, 3, 4
 ANY_ROWS = 1 << 30  # a form whose compiled call takes any number of rows
 
 
-def linear_spec(module: nn.Module) -> tuple[int, list[torch.Tensor], torch.Tensor | None, int] | None:
-    """(form, tensors, bias, most rows) of a projection, as the module computes it at few rows;
-    None for a form the plan does not have."""
+def linear_spec(module: nn.Module) -> tuple[int, list[torch.Tensor], torch.Tensor | None, int, int] | None:
+    """(form, tensors, bias, fewest rows a call is padded to, most rows) of a projection, as the
+    module computes it at few rows; None for a form the plan does not have."""
     if type(module) is nn.Linear:
-        return DENSE, [module.weight], module.bias, ANY_ROWS
+        return DENSE, [module.weight], module.bias, 1, ANY_ROWS
     if isinstance(module, PackedLinear):
-        return ONEDNN, [module.packed_weight], module.bias, ANY_ROWS
+        return ONEDNN, [module.packed_weight], module.bias, module.min_rows, ANY_ROWS
     if isinstance(module, W8A8Linear) and module.kernels is not None:
         form = W8A8_PANELS if module.panels else W8A8_INT_MM  # the qweight's layout says which product
-        return form, [module.qweight, module.inv_smooth, module.w_scale], module.bias, ANY_ROWS
+        return form, [module.qweight, module.inv_smooth, module.w_scale], module.bias, 1, ANY_ROWS
     if isinstance(module, Int8Linear) and module.kernels is not None:
         # int8_linear serves up to packed_max_rows; beyond it the module dequantizes tiles
-        return INT8, [module.qweight, module.scales], module.bias, module.packed_max_rows
+        return INT8, [module.qweight, module.scales], module.bias, 1, module.packed_max_rows
     return None
 
 
@@ -74,10 +74,10 @@ def build_decode_plan(model: nn.Module, kv_caches: list[tuple[torch.Tensor, torc
                                           layer.mlp.gate_up_proj, layer.mlp.down_proj)]  # fmt: skip
         if any(s is None for s in specs):
             return None
-        max_rows = min([max_rows, *(s[3] for s in specs)])
+        max_rows = min([max_rows, *(s[4] for s in specs)])
         plan.add_layer(
             layer.input_layernorm.weight, layer.input_layernorm.eps,
             layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps,
-            k_cache, v_cache, *(s[:3] for s in specs),
+            k_cache, v_cache, *(s[:4] for s in specs),
         )  # fmt: skip
     return DecodePlan(plan, max_rows)

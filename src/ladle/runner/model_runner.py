@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ladle.model.attention import AttentionMetadata, PrefillChunk
+from ladle.model.attention import BACKENDS, AttentionMetadata, PrefillChunk
 from ladle.model.decode_plan import build_decode_plan
 from ladle.model.loader import LoadedModel
 from ladle.runner.step import DraftRequest, StepBatch, StepResult
@@ -61,7 +61,10 @@ class ModelRunner:
         self.device = loaded.device
         self.block_size = block_size
         self.kv_cache = KVCache(loaded, num_blocks, block_size)
-        # steps of decodes only run as one compiled call where the model has that form (CPU)
+        # every token as a decode of its own, where the backend computes attention that way
+        self.rows_as_decodes = BACKENDS[loaded.attention_backend].rows_as_decodes
+        # steps run as one compiled call where the model has that form (CPU): steps of decodes
+        # only, and any step where every token is computed as a decode
         self.decode_plan = build_decode_plan(self.model, self.kv_cache.layers)
         self.sampler = Sampler(seed)
         self.generators: dict[str, torch.Generator] = {}  # request id → its seeded generator
@@ -141,7 +144,9 @@ class ModelRunner:
         in the order of `chunks`."""
         input_ids, positions, meta, logit_rows = self.prepare(chunks)
         plan, rows = self.decode_plan, len(input_ids)
-        if plan is not None and not meta.prefills and meta.num_decode_tokens == rows <= plan.max_rows:
+        if plan is not None and meta.row_block_tables is not None and rows <= plan.max_rows:
+            hidden = plan.run(input_ids, positions, meta.slot_mapping, meta.row_block_tables, meta.row_context_lens)
+        elif plan is not None and not meta.prefills and meta.num_decode_tokens == rows <= plan.max_rows:
             tables, lens = meta.decode_block_tables, meta.decode_context_lens
             hidden = plan.run(input_ids, positions, meta.slot_mapping, tables, lens)
         else:
@@ -181,6 +186,8 @@ class ModelRunner:
         )
         if num_decodes:
             self._decode_meta(meta, [chunks[i] for i in order[:num_decodes]])
+        if self.rows_as_decodes:
+            self._row_meta(meta, [chunks[i] for i in order], num_decodes)
         rows = [r for i, c in enumerate(chunks) for r in range(last_row[i] - c.num_logits + 1, last_row[i] + 1)]
         logit_rows = self._tensor(rows)
         return self._tensor(ids), self._tensor(pos), meta, logit_rows
@@ -193,6 +200,22 @@ class ModelRunner:
         meta.decode_block_tables = self._tensor(tables)
         meta.decode_context_lens = self._tensor(lens)
         meta.max_decode_context_len = max(lens)
+
+    def _row_meta(self, meta: AttentionMetadata, ordered: list[StepChunk], num_decodes: int) -> None:
+        """Each token's request block table and context length (its position + 1), in batch order."""
+        if num_decodes == len(ordered):  # decodes only: the decode tables are the rows' tables
+            meta.row_block_tables, meta.row_context_lens = meta.decode_block_tables, meta.decode_context_lens
+            return
+        bs = self.block_size
+        width = max(-(-(c.num_computed + len(c.token_ids)) // bs) for c in ordered)
+        tables, lens = [], []
+        for c in ordered:
+            n = len(c.token_ids)
+            row = c.block_table[:width] + [0] * (width - min(width, len(c.block_table)))
+            tables.append(torch.tensor(row, dtype=torch.int64).expand(n, width))
+            lens.append(torch.arange(c.num_computed + 1, c.num_computed + n + 1, dtype=torch.int64))
+        meta.row_block_tables = torch.cat(tables).to(self.device)
+        meta.row_context_lens = torch.cat(lens).to(self.device)
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)

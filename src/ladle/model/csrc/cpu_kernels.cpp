@@ -1052,7 +1052,8 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor inv_smooth, torch::Tens
 //   kW8A8    w8a8_linear on the panel layout          (W8A8Linear on CPUs without VNNI)
 //   kW8A8Mm  quantize_rows_int8, _int_mm, dequantize   (W8A8Linear where _int_mm is fast)
 //   kInt8    int8_linear, then + b                     (Int8Linear's few-rows path)
-//   kPacked  oneDNN's linear on a reordered weight      (PackedLinear: mkldnn::_linear_pointwise)
+//   kPacked  oneDNN's linear on a reordered weight      (PackedLinear: mkldnn::_linear_pointwise),
+//            with fewer than min_rows rows padded by zero rows to min_rows, as PackedLinear does
 enum LinearKind : int64_t { kDense = 0, kW8A8 = 1, kW8A8Mm = 2, kInt8 = 3, kPacked = 4 };
 
 torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias) {
@@ -1071,12 +1072,21 @@ struct PlanLinear {
   // kW8A8Mm: int8 [N, K] weight, inv_smooth, w_scale; kInt8: qweight, scales
   std::vector<torch::Tensor> t;
   c10::optional<torch::Tensor> bias;
+  int64_t min_rows;  // kPacked: the fewest rows at which oneDNN's bits do not depend on the row count
+
+  torch::Tensor packed(const torch::Tensor& x) const {
+    const int64_t n = x.size(0);
+    if (n >= min_rows) return onednn_linear(x, t[0], bias);
+    auto padded = torch::zeros({min_rows, x.size(1)}, x.options());
+    padded.narrow(0, 0, n).copy_(x);
+    return onednn_linear(padded, t[0], bias).narrow(0, 0, n);
+  }
 
   torch::Tensor operator()(const torch::Tensor& x) const {
     switch (kind) {
       case kDense: return at::linear(x, t[0], bias);
       case kW8A8: return w8a8_linear(x, t[1], t[0], t[2], bias);
-      case kPacked: return onednn_linear(x, t[0], bias);
+      case kPacked: return packed(x);
       case kW8A8Mm: {
         auto [q, row_scale] = quantize_rows_int8(x, t[1]);
         return dequantize_int32(at::_int_mm(q, t[0].t()), row_scale, t[2], bias, x.scalar_type());
@@ -1091,10 +1101,12 @@ struct PlanLinear {
   }
 };
 
-PlanLinear plan_linear(int64_t kind, std::vector<torch::Tensor> tensors, c10::optional<torch::Tensor> bias) {
+PlanLinear plan_linear(int64_t kind, std::vector<torch::Tensor> tensors, c10::optional<torch::Tensor> bias,
+                       int64_t min_rows) {
   const size_t want = kind == kDense || kind == kPacked ? 1 : kind == kInt8 ? 2 : 3;
   TORCH_CHECK(kind >= kDense && kind <= kPacked && tensors.size() == want, "unknown projection form or tensors");
-  return {kind, std::move(tensors), std::move(bias)};
+  TORCH_CHECK(min_rows >= 1, "min_rows must be at least 1");
+  return {kind, std::move(tensors), std::move(bias), min_rows};
 }
 
 struct PlanLayer {
@@ -1110,11 +1122,13 @@ class DecodePlan {
       : embed_(embed), norm_(norm), cos_sin_(cos_sin), eps_(eps), scale_(scale), hq_(num_heads),
         hkv_(num_kv_heads), d_(head_dim) {}
 
-  using LinearSpec = std::tuple<int64_t, std::vector<torch::Tensor>, c10::optional<torch::Tensor>>;
+  using LinearSpec = std::tuple<int64_t, std::vector<torch::Tensor>, c10::optional<torch::Tensor>, int64_t>;
 
   void add_layer(torch::Tensor norm1, double eps1, torch::Tensor norm2, double eps2, torch::Tensor k_cache,
                  torch::Tensor v_cache, LinearSpec qkv, LinearSpec o, LinearSpec gate_up, LinearSpec down) {
-    auto lin = [](LinearSpec& s) { return plan_linear(std::get<0>(s), std::get<1>(s), std::get<2>(s)); };
+    auto lin = [](LinearSpec& s) {
+      return plan_linear(std::get<0>(s), std::get<1>(s), std::get<2>(s), std::get<3>(s));
+    };
     TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == hkv_ && k_cache.size(3) == d_, "cache [Hkv, NB, BS, D]");
     layers_.push_back({norm1, norm2, k_cache, v_cache, eps1, eps2, lin(qkv), lin(o), lin(gate_up), lin(down)});
   }
