@@ -203,7 +203,8 @@ class PagedCPUBackend(TorchSDPABackend):
         if q.device.type != "cpu" or meta.row_block_tables is None:
             return super().forward(q, k, v, kv_cache, meta, scale)
         self.write_kv(kv_cache, k, v, meta.slot_mapping)  # every token's K/V first: the rows read them
-        return self.kernel(q.contiguous(), kv_cache[0], kv_cache[1], meta.row_block_tables, meta.row_context_lens, scale)
+        tables, lens = meta.row_block_tables, meta.row_context_lens
+        return self.kernel(q.contiguous(), kv_cache[0], kv_cache[1], tables, lens, scale)
 
     def write_kv(self, kv_cache, k, v, slots):
         if k.device.type != "cpu":

@@ -10,13 +10,15 @@ where oneDNN is built in.
 Every row's result must not depend on how many rows share the call: that is what makes a
 request's tokens the same alone and in any batch, chunked or not, speculating or not. oneDNN does
 not give it for free: it picks its blocking by the shape, and on a 2-core Zen 5 EPYC (AVX-512 BF16)
-the down projection of SmolLM2 (K = 1,536) gives one set of bits at 1-6 rows in bfloat16 (1 row in
-float32) and another at 7 rows or more (2 or more), while K = 576 gives the same bits at any count.
+the down projection of SmolLM2 (K = 1,536) gives a row other bits in a call of one row than in a
+call of several (in bfloat16 and float32), while K = 576 gives the same bits at any count.
 So each weight shape is probed once per process (`min_invariant_rows`): the fewest rows `m`
 such that calls of any row count, padded to `m` rows where fewer, give every row the bits of one
-call of `PROBE_ROWS` rows (checked at 1-16 rows on the first 48 rows, at 24 to 127 on all of them). A call with fewer rows is padded with zero rows up to that count (bfloat16 down
-projection at one row: 35.6 -> 48.5 us; no cost where the minimum is 1). A shape with no such
-count within `MAX_PAD_ROWS` (none seen) keeps plain `nn.Linear`, and a warning says so.
+call of `PROBE_ROWS` rows (checked at 1-16 rows on the first 48 rows, at 24 to 127 on all of
+them). A call with fewer rows is padded with zero rows up to that count (the down projection
+needs 2 here in both dtypes: 35.6 -> 38.9 us at one row in bfloat16; no cost where the minimum
+is 1). A shape with no such count within `MAX_PAD_ROWS` (none seen) keeps plain `nn.Linear`, and
+a warning says so.
 float16 reorders need AVX-NE-CONVERT or AVX512-FP16, rare here.
 """
 
