@@ -133,14 +133,14 @@ def test_top_p_top_k_min_p_keep_the_right_tokens():
         ({"min_p": 0.25}, {0, 1, 2}),
         ({"top_p": 0.4}, {0}),
     ]:
-        seen = {int(sampler(logits, [spec(temperature=1.0, **kw)], [None]).token_ids) for _ in range(300)}
+        seen = {int(sampler(logits, [spec(temperature=1.0, **kw)]).token_ids) for _ in range(300)}
         assert seen == allowed, kw
 
 
 def test_temperature_sampling_follows_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = (probs.log() * 2).repeat(4000, 1)  # temperature 2 undoes the doubling
-    tokens = Sampler(seed=3)(logits, [spec(temperature=2.0)] * 4000, [None] * 4000).token_ids
+    tokens = Sampler(seed=3)(logits, [spec(temperature=2.0)] * 4000).token_ids
     counts = torch.bincount(tokens, minlength=4).float()
     expected = probs * 4000
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
@@ -148,14 +148,18 @@ def test_temperature_sampling_follows_the_distribution():
 
 
 def test_a_draw_never_picks_a_token_of_probability_zero():
-    """The inverse-CDF draw at both ends of the vocabulary and between kept tokens, with the
-    request's own generator and the shared one."""
+    """The inverse-CDF draw at both ends of the vocabulary and between kept tokens, at uniforms
+    from 0 to the largest below 1."""
     probs = torch.zeros(3, 50)
     probs[0, 1] = 1.0  # one token, after a zero at the front
     probs[1, [10, 30]] = torch.tensor([1e-30, 2.0])  # a tiny one beside a large one
     probs[2, 49] = 3.0  # the last token only
     sampler = Sampler(seed=1)
-    seeded = torch.Generator().manual_seed(5)
-    for _ in range(200):
-        tokens = sampler._draw(probs, [None, seeded, None]).tolist()
+    g = torch.Generator().manual_seed(5)
+    edges = [0.0, 1e-300, 0.5, 1 - 2**-53]
+    for i in range(200):
+        u = torch.rand(3, 1, dtype=torch.float64, generator=g)
+        if i < len(edges):
+            u.fill_(edges[i])
+        tokens = sampler._draw(probs, u).tolist()
         assert tokens[0] == 1 and tokens[1] in (10, 30) and tokens[2] == 49

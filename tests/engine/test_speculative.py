@@ -126,7 +126,7 @@ def chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("proposer", ["draft", "ngram"])
-def test_rejection_sampling_emits_the_target_distribution(proposer):
+def test_verified_sampling_emits_the_target_distribution(proposer):
     torch.manual_seed(0)
     vocab, k, trials = 5, 2, 6000
     p_logits = torch.randn(k + 1, vocab) * 1.5  # the target's rows: after the token, after guess 1, 2
@@ -138,10 +138,10 @@ def test_rejection_sampling_emits_the_target_distribution(proposer):
     for _ in range(trials):
         if proposer == "draft":
             guesses = [int(torch.multinomial(q[j], 1, generator=gen)) for j in range(k)]
-            groups.append(SampleGroup([SampleSpec(params, [], [])] * (k + 1), guesses, q))
+            groups.append(SampleGroup([SampleSpec(params, [], [])] * (k + 1), guesses))
         else:  # an n-gram guess is certain: a point mass
             likely = [int(p[j].argmax()) for j in range(k)]
-            groups.append(SampleGroup([SampleSpec(params, [], [])] * (k + 1), likely, None))
+            groups.append(SampleGroup([SampleSpec(params, [], [])] * (k + 1), likely))
     tokens, _ = Sampler(seed=2).sample(p_logits.repeat(trials, 1), groups)
     first = torch.bincount(torch.tensor([t[0] for t in tokens]), minlength=vocab).float()
     assert chi2(first, p[0]) < 18.47  # p = 0.001, 4 degrees of freedom
@@ -216,9 +216,15 @@ def test_greedy_ngram_equals_plain_on_the_embedded_model(embedded_fp32):
 
 
 @pytest.mark.slow
-def test_greedy_with_a_draft_model_equals_plain(tiny_models, tiny_llama):
+@pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
+def test_a_draft_model_gives_the_tokens_of_plain_decoding(tiny_models, tiny_llama, seeded):
+    """Greedy, and sampled with a seed (the draft draws with the uniforms the verification uses)."""
     prompts = identity_prompts()
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    if seeded:
+        params = [
+            SamplingParams(temperature=0.9, top_p=0.95, seed=i, max_tokens=20, ignore_eos=True) for i in range(20)
+        ]
     plain = generate_all(engine(tiny_llama), prompts, params)
     for draft in ("qwen2", "llama"):  # another model (many rejections); the same one (all kept)
         spec = SpeculativeConfig(

@@ -9,9 +9,10 @@ requests and outputs.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ladle.config import EngineConfig
 from ladle.engine.detokenizer import IncrementalDetokenizer
@@ -119,6 +120,9 @@ class EngineCore:
         self.pending_outputs: list[RequestOutput] = []  # aborts, reported by the next step
         self.stats = EngineStats(num_kv_blocks=num_blocks)
         self._owner: tuple[int, str] | None = None  # (thread id, who) of the thread that drives the engine
+        # seeds for sampled requests that bring none: every draw then comes from (seed, position),
+        # so a draft model's guesses and the verification share their uniforms
+        self._seeds = random.Random(config.seed)
         spec = config.speculative
         self.spec_policy = SpeculationPolicy(spec)
         self.proposer = None
@@ -162,6 +166,8 @@ class EngineCore:
         self.validate(prompt_token_ids, params)
         if request_id in self.groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        if params.seed is None and not params.is_greedy:
+            params = replace(params, seed=self._seeds.getrandbits(62))
         arrival = time.monotonic() if arrival_s is None else arrival_s
         samples = []
         for i in range(params.n):

@@ -108,7 +108,13 @@ class DraftProposer:
             start = min(r.num_draft_computed, r.num_tokens - 1)
             asks.append(
                 DraftRequest(
-                    r.request_id, r.tokens(start, r.num_tokens), start, self.kv.block_ids(r.request_id), k, r.params
+                    r.request_id,
+                    r.tokens(start, r.num_tokens),
+                    start,
+                    self.kv.block_ids(r.request_id),
+                    k,
+                    r.params,
+                    r.output_token_ids,
                 )
             )
             where.append(i)

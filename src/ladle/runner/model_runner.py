@@ -67,18 +67,13 @@ class ModelRunner:
         # only, and any step where every token is computed as a decode
         self.decode_plan = build_decode_plan(self.model, self.kv_cache.layers)
         self.sampler = Sampler(seed)
-        self.generators: dict[str, torch.Generator] = {}  # request id → its seeded generator
         # speculative decoding with a draft model: its own runner and KV cache, under the same block
-        # ids as ours; the distributions its guesses were drawn from wait here for the verification
+        # ids as ours; it draws its guesses with the uniforms the verification will use
         self.drafter = ModelRunner(draft, num_blocks, block_size) if draft is not None else None
-        self.guess_probs: dict[str, torch.Tensor] = {}  # request id → [K, V]
 
     @torch.inference_mode()
     def execute_step(self, batch: StepBatch) -> StepResult:
         """One engine step: forward every scheduled token, sample (and verify) the requests that sample."""
-        for request_id in batch.finished_request_ids:
-            self.generators.pop(request_id, None)
-            self.guess_probs.pop(request_id, None)
         chunks = [
             StepChunk(r.token_ids, r.num_computed, r.block_ids, num_logits=len(r.samples)) for r in batch.requests
         ]
@@ -86,57 +81,31 @@ class ModelRunner:
         logits = self.execute(chunks)
         if not sampling:
             return StepResult([], [])
-        groups = []
-        for r in sampling:
-            probs = self.guess_probs.pop(r.request_id, None)
-            guesses = r.token_ids[len(r.token_ids) - r.num_spec :] if r.num_spec else []
-            groups.append(
-                SampleGroup(
-                    r.samples,
-                    guesses,
-                    probs[: r.num_spec] if probs is not None and guesses else None,
-                    self._generator(r.request_id, r.samples[0].params.seed),
-                )
-            )
+        groups = [
+            SampleGroup(r.samples, r.token_ids[len(r.token_ids) - r.num_spec :] if r.num_spec else []) for r in sampling
+        ]
         tokens, logprobs = self.sampler.sample(logits, groups)
         return StepResult(tokens, logprobs)
 
     @torch.inference_mode()
     def propose(self, asks: list[DraftRequest]) -> list[list[int]]:
         """k guesses per request from the draft model: catch its KV cache up on the request's tokens,
-        then run single-token steps. Sampled requests draw their guesses from the draft's
-        distribution (kept for the verification); greedy ones take its argmax."""
+        then run single-token steps. Each guess is the draft's draw with the uniform the target's
+        verification uses at that output position (greedy: the draft's argmax)."""
         drafter = self.drafter
         guesses: list[list[int]] = [[] for _ in asks]
-        probs: list[list[torch.Tensor]] = [[] for _ in asks]
         chunks = [StepChunk(a.token_ids, a.num_computed, a.block_ids) for a in asks]
         live = list(range(len(asks)))
         while live:
             logits = drafter.execute([chunks[i] for i in live])
-            specs = [SampleSpec(asks[i].params, [], guesses[i]) for i in live]
-            gens = [self._generator(asks[i].request_id, asks[i].params.seed) for i in live]
-            out = self.sampler(logits, specs, gens, want_probs=True)
-            drawn = 0  # out.probs holds the non-greedy rows only, in order
+            specs = [SampleSpec(asks[i].params, [], asks[i].output_token_ids + guesses[i]) for i in live]
+            out = self.sampler(logits, specs)
             for i, token in zip(live, out.token_ids.tolist(), strict=True):
                 guesses[i].append(token)
-                if not asks[i].params.is_greedy:
-                    probs[i].append(out.probs[drawn])
-                    drawn += 1
                 position = chunks[i].num_computed + len(chunks[i].token_ids)
                 chunks[i] = StepChunk([token], position, asks[i].block_ids)
             live = [i for i in live if len(guesses[i]) < asks[i].k]
-        for a, p in zip(asks, probs, strict=True):
-            if p:
-                self.guess_probs[a.request_id] = torch.stack(p)
         return guesses
-
-    def _generator(self, request_id: str, seed: int | None) -> torch.Generator | None:
-        if seed is None:
-            return None
-        g = self.generators.get(request_id)
-        if g is None:
-            g = self.generators[request_id] = torch.Generator(self.device).manual_seed(seed)
-        return g
 
     @torch.inference_mode()
     def execute(self, chunks: list[StepChunk]) -> torch.Tensor:

@@ -47,3 +47,4 @@ class DraftRequest:
     block_ids: list[int]  # the request's block table, covering num_computed + len(token_ids) + k - 1
     k: int
     params: SamplingParams
+    output_token_ids: list[int]  # the request's output so far: the guesses' positions and penalties

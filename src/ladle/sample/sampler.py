@@ -7,18 +7,21 @@ the argmax; the others are scaled by temperature, filtered by min_p, top_k and t
 A draw inverts the row's cumulative distribution at one uniform number u: the first token whose
 running sum (in float64) exceeds u times the total; tokens filtered out have p = 0 and are never
 picked. One random number per row (the exponential race it replaced drew one per vocabulary entry:
-3 ms a row on a 2-core EPYC, against ~0.4 ms). A request with a seed draws its u from its own
-generator, so its text does not depend on what else is in the batch; the others share the
-engine's generator.
+3 ms a row on a 2-core EPYC, against ~0.4 ms). A request with a seed takes the u of its t-th
+output token from a counter-based hash of (seed, t) (`position_uniform`), not from a stream: its
+text depends on nothing but its logits, whatever else is batched, and whether or not the step
+speculated. The others draw from the engine's generator.
 
 Speculative decoding (`sample` with guesses): row j of a request holds the model's distribution
-p_j after its j-th guess g_j. Greedy requests keep the guesses while they equal the argmax and
-then take the argmax: token for token what plain greedy decoding gives. Sampled requests use
-rejection sampling (Leviathan et al., Chen et al. 2023): g_j is kept with probability
-min(1, p_j(g_j) / q_j(g_j)), where q_j is the proposer's distribution (a point mass for n-gram
-guesses); at the first rejection the token is drawn from max(p_j - q_j, 0), renormalised, and
-when every guess is kept one more token is drawn from p_K. Each emitted token is then distributed
-exactly as under plain sampling.
+p_j after its j-th guess g_j. Each row draws the token plain decoding would draw there, with the
+row's own u (greedy: the argmax); the guesses are kept while they equal those draws, and the
+first draw that differs (or the draw after the last guess) is the next token. So every emitted
+token is the token plain decoding gives, bit for bit where the request has a seed, and exactly
+distributed as under plain sampling in any case. For an n-gram guess (a point mass) a guess is kept
+with probability p_j(g_j), as in rejection sampling (Leviathan et al., Chen et al. 2023); a draft
+model's guesses are drawn with the same u from its own distribution q_j, so they agree with the
+target's draw wherever the two inverse CDFs cross u at the same token: a coupling that gives up
+some of rejection sampling's acceptance (sum of min(p, q)) for the identity with plain decoding.
 """
 
 from __future__ import annotations
@@ -29,12 +32,27 @@ import torch
 
 from ladle.sample.params import SampleSpec, TokenLogprobs
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finaliser: a bijection of 64-bit integers that scrambles every bit."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def position_uniform(seed: int, position: int) -> float:
+    """The uniform number in [0, 1) of a seeded request's output token at `position`: the same for
+    the same pair in any step, batch or process (53 random bits)."""
+    return (_mix64(_mix64(seed & _MASK64) + position) >> 11) * 2.0**-53
+
 
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # [R] int64
     logprobs: list[TokenLogprobs | None]  # per row, None where not asked
-    probs: torch.Tensor | None = None  # want_probs: [D, V], what each non-greedy row was drawn from, in row order
 
 
 @dataclass
@@ -43,8 +61,6 @@ class SampleGroup:
 
     specs: list[SampleSpec]  # one per row
     guesses: list[int] = field(default_factory=list)  # row j checks guesses[j]
-    guess_probs: torch.Tensor | None = None  # [K, V] the proposer's distributions; None = point masses
-    generator: torch.Generator | None = None  # the request's own (seeded) generator
 
 
 class Sampler:
@@ -55,8 +71,6 @@ class Sampler:
         self,
         logits: torch.Tensor,  # [R, V] float32
         specs: list[SampleSpec],
-        generators: list[torch.Generator | None],  # per row: its own (seeded) generator or None
-        want_probs: bool = False,  # also return the distributions sampled rows were drawn from
     ) -> SamplerOutput:
         """One token per row, each row on its own."""
         raw_logprobs, logits = self._prepare(logits, specs)
@@ -68,74 +82,28 @@ class Sampler:
         drawn = [i for i, s in enumerate(specs) if not s.params.is_greedy]
         if greedy:
             tokens[greedy] = logits[greedy].argmax(dim=-1)
-        probs = self._probs(logits[drawn], [specs[i] for i in drawn])
-        tokens[drawn] = self._draw(probs, [generators[i] for i in drawn])
-        return SamplerOutput(tokens, self._logprobs(raw_logprobs, tokens, specs), probs if want_probs else None)
+        drawn_specs = [specs[i] for i in drawn]
+        tokens[drawn] = self._draw(self._probs(logits[drawn], drawn_specs), self._uniforms(drawn_specs))
+        return SamplerOutput(tokens, self._logprobs(raw_logprobs, tokens, specs))
 
     def sample(self, logits: torch.Tensor, groups: list[SampleGroup]):
         """The tokens of each group (guesses kept, then one sampled token) and their logprobs (or None
         per group). `logits` holds the groups' rows one after the other."""
         specs = [s for g in groups for s in g.specs]
+        out = self(logits, specs)  # every row's own draw (greedy: its argmax)
+        tokens = out.token_ids.tolist()  # the step's one device-to-host copy
         if not any(g.guesses for g in groups):  # no speculation in this step: one row each
-            out = self(logits, specs, [g.generator for g in groups])
-            tokens = out.token_ids.tolist()  # the step's one device-to-host copy
             return [[t] for t in tokens], [None if lp is None else [lp] for lp in out.logprobs]
-        raw_logprobs, logits = self._prepare(logits, specs)
-        greedy = [i for i, s in enumerate(specs) if s.params.is_greedy]
-        argmax = dict(zip(greedy, logits[greedy].argmax(dim=-1).tolist(), strict=True)) if greedy else {}
-        drawn = [i for i, s in enumerate(specs) if not s.params.is_greedy]
-        probs = self._probs(logits[drawn], [specs[i] for i in drawn]) if drawn else None
-        prob_row = {row: i for i, row in enumerate(drawn)}
         results: list[list[int]] = []
+        logprobs: list[list[TokenLogprobs] | None] = []
         first = 0
-        for g in groups:
-            rows = range(first, first + len(g.specs))
+        for g in groups:  # an emitted token is its row's draw: the row's logprobs are the token's
+            emitted = _verify(tokens[first : first + len(g.specs)], g.guesses)
+            results.append(emitted)
+            rows = out.logprobs[first : first + len(emitted)]
+            logprobs.append(None if rows[0] is None else rows)
             first += len(g.specs)
-            if g.specs[0].params.is_greedy:
-                results.append(_verify_greedy([argmax[r] for r in rows], g.guesses))
-            else:
-                p = probs[[prob_row[r] for r in rows]]
-                results.append(self._verify_drawn(p, g))
-        logprobs: list[list[TokenLogprobs] | None] = [None] * len(groups)
-        if raw_logprobs is not None:
-            first, rows, chosen, row_specs, owners = 0, [], [], [], []
-            for gi, (g, toks) in enumerate(zip(groups, results, strict=True)):
-                if g.specs[0].params.logprobs is not None:
-                    rows += range(first, first + len(toks))
-                    chosen += toks
-                    row_specs += g.specs[: len(toks)]
-                    owners += [gi] * len(toks)
-                first += len(g.specs)
-            flat = self._logprobs(raw_logprobs[rows], torch.tensor(chosen, device=logits.device), row_specs)
-            for gi, lp in zip(owners, flat, strict=True):
-                logprobs[gi] = (logprobs[gi] or []) + [lp]
         return results, logprobs
-
-    def _verify_drawn(self, p: torch.Tensor, g: SampleGroup) -> list[int]:
-        """Rejection sampling of one request's guesses against p [K+1, V]."""
-        k = len(g.guesses)
-        if not k:
-            return self._draw(p, [g.generator]).tolist()
-        guesses = torch.tensor(g.guesses, device=p.device)
-        p_guess = p[:k].gather(1, guesses[:, None])[:, 0]
-        q_guess = (
-            torch.ones_like(p_guess) if g.guess_probs is None else g.guess_probs[:k].gather(1, guesses[:, None])[:, 0]
-        )
-        u = torch.rand(k, device=p.device, generator=g.generator or self.generator)
-        kept = (u * q_guess < p_guess).tolist()  # u < p/q, without dividing by q
-        accepted = kept.index(False) if False in kept else k
-        if accepted == k:  # every guess kept: one more token from the last row
-            last = self._draw(p[k : k + 1], [g.generator])
-            return g.guesses + last.tolist()
-        row = p[accepted]
-        if g.guess_probs is None:  # point mass: max(p - q, 0) is p without the guessed token
-            residual = row.clone()
-            residual[g.guesses[accepted]] = 0
-        else:
-            residual = (row - g.guess_probs[accepted]).clamp_min_(0)
-        if residual.sum() <= 0:  # p == q: a rejection has probability 0; never divide by nothing
-            residual = row
-        return g.guesses[:accepted] + self._draw(residual[None], [g.generator]).tolist()
 
     # -- logit processing ------------------------------------------------------------------------
 
@@ -201,16 +169,17 @@ class Sampler:
             logits = _top_k_top_p(logits, top_k, top_p)
         return torch.softmax(logits, dim=-1)
 
-    def _draw(self, probs: torch.Tensor, generators) -> torch.Tensor:
-        """One draw per row of (unnormalised) probabilities [N, V] → [N] token ids."""
-        device = probs.device
-        u = torch.empty(probs.shape[0], 1, dtype=torch.float64, device=device)
-        shared = [i for i, g in enumerate(generators) if g is None]
-        if shared:
-            u[shared] = torch.rand(len(shared), 1, dtype=torch.float64, device=device, generator=self.generator)
-        for i, g in enumerate(generators):
-            if g is not None:
-                u[i] = torch.rand(1, dtype=torch.float64, device=device, generator=g)
+    def _uniforms(self, specs: list[SampleSpec]) -> torch.Tensor:
+        """[N, 1] float64: each row's u: from its seed and output position, or the shared generator."""
+        u = torch.rand(len(specs), 1, dtype=torch.float64, generator=self.generator)
+        for i, s in enumerate(specs):
+            if s.params.seed is not None:
+                u[i, 0] = position_uniform(s.params.seed, len(s.output_token_ids))
+        return u
+
+    def _draw(self, probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """One draw per row of (unnormalised) probabilities [N, V] at the rows' uniforms u [N, 1] → [N] ids."""
+        u = u.to(probs.device)
         cumulative = probs.double().cumsum(dim=-1)  # [N, V]
         total = cumulative[:, -1:]
         # u * total can round up to total; kept below it, the search stops at the last token with
@@ -237,12 +206,12 @@ class Sampler:
         return out
 
 
-def _verify_greedy(argmax: list[int], guesses: list[int]) -> list[int]:
-    """Keep the guesses while they are what greedy decoding picks, then take its pick."""
+def _verify(draws: list[int], guesses: list[int]) -> list[int]:
+    """Keep the guesses while they are what plain decoding draws there, then take its draw."""
     accepted = 0
-    while accepted < len(guesses) and guesses[accepted] == argmax[accepted]:
+    while accepted < len(guesses) and guesses[accepted] == draws[accepted]:
         accepted += 1
-    return guesses[:accepted] + [argmax[accepted]]
+    return guesses[:accepted] + [draws[accepted]]
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
