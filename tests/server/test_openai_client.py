@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 from openai import OpenAI
 
@@ -86,6 +88,15 @@ def test_n_samples_with_a_seed(client):
     assert [c.index for c in a.choices] == [0, 1]
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
     assert 2 <= a.usage.completion_tokens <= 24  # both samples count, each at most max_tokens
+    # and again among other traffic: whatever shares its steps, the same text
+    with ThreadPoolExecutor(8) as pool:
+        others = [
+            pool.submit(client.completions.create, model=MODEL, prompt=f"Story {i}:", max_tokens=40, temperature=0.7)
+            for i in range(7)
+        ]
+        c = pool.submit(client.chat.completions.create, **kw).result()
+        assert all(o.result().usage.completion_tokens > 0 for o in others)
+    assert [x.message.content for x in c.choices] == [x.message.content for x in a.choices]
 
 
 def test_streaming_n_two(client):
