@@ -27,7 +27,7 @@ from ladle.engine.async_engine import AsyncEngine
 from ladle.engine.llm import LLM, build_engine
 from ladle.model.loader import load_model
 from ladle.model.source import resolve_model
-from ladle.platform import cpu_features
+from ladle.platform import cpu_features, resolve_dtype
 from ladle.runner.model_runner import KVCache
 from ladle.sample.params import SamplingParams
 
@@ -59,10 +59,10 @@ def make_requests(n: int, max_tokens: int, seed: int = 0) -> list[tuple[str, Sam
     return requests
 
 
-def engine_config(prefix: bool, budget: int, kv_gib: float | None, block_size: int = 16) -> EngineConfig:
+def engine_config(prefix: bool, budget: int, kv_gib: float | None, max_model_len: int = 1024) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(device="cpu", max_model_len=1024),
-        cache=CacheConfig(block_size=block_size, kv_cache_memory_gib=kv_gib, enable_prefix_caching=prefix),
+        model=ModelConfig(device="cpu", max_model_len=max_model_len),
+        cache=CacheConfig(block_size=16, kv_cache_memory_gib=kv_gib, enable_prefix_caching=prefix),
         scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=64),
     )
 
@@ -115,11 +115,11 @@ def measure_form(name: str, args) -> dict:
     alone = run_alone(loaded, requests)
     out = {"dtype": str(loaded.dtype).removeprefix("torch."), "quantization": quantization,
            "alone_s": round(time.perf_counter() - started, 2), "runs": {}}  # fmt: skip
-    # a cache of ~8 requests' worth of blocks: preemption and recomputation again and again
-    tight_gib = 8 * 20 * KVCache.bytes_per_block(loaded, 16) / 2**30
+    # 40 blocks: two or three requests' worth, so running requests outgrow it again and again
+    tight_gib = 40.5 * KVCache.bytes_per_block(loaded, 16) / 2**30
     runs = {
         "together, prefix caching on": engine_config(prefix=True, budget=2048, kv_gib=0.25),
-        "together, budget 32 tokens, tight KV cache": engine_config(prefix=True, budget=32, kv_gib=tight_gib),
+        "together, budget 32 tokens, tight KV cache": engine_config(True, 32, tight_gib, max_model_len=512),
     }
     for i, (label, config) in enumerate(runs.items()):
         together, counters = run_together(loaded, requests, config, seed=args.seed + i)
@@ -154,8 +154,18 @@ def main() -> None:
                     "avx512_bf16": f.avx512_bf16, "avx512_vnni": f.avx512_vnni, "amx_bf16": f.amx_bf16},
         "num_requests": args.num_requests,
         "max_tokens": args.max_tokens,
-        "forms": {name: measure_form(name, args) for name in args.forms.split(",")},
+        "forms": {},
     }  # fmt: skip
+    measured = {}  # (dtype, quantization) -> the form that measured it
+    for name in args.forms.split(","):
+        dtype, quantization = FORMS[name]
+        key = (str(resolve_dtype(dtype, "cpu")), quantization)
+        if key in measured:  # e.g. bfloat16 where it is the default
+            result["forms"][name] = {"same_as": measured[key]}
+            print(f"{name}: the same weights as {measured[key]} on this machine")
+            continue
+        measured[key] = name
+        result["forms"][name] = measure_form(name, args)
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"identity-{time.strftime('%Y%m%d-%H%M%S')}.json"
