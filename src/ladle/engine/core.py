@@ -116,7 +116,6 @@ class EngineCore:
         self.index_of: dict[str, int] = {}  # internal id → sample index
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.pending_forks: dict[str, list[Request]] = {}  # first sample's id → samples waiting to share its prompt
-        self.finished_since_step: list[str] = []
         self.pending_outputs: list[RequestOutput] = []  # aborts, reported by the next step
         self.stats = EngineStats(num_kv_blocks=num_blocks)
         self._owner: tuple[int, str] | None = None  # (thread id, who) of the thread that drives the engine
@@ -242,11 +241,7 @@ class EngineCore:
             self._update_gauges()
             return outputs
         samples = [c.samples for c in sched.chunks]
-        batch = StepBatch(
-            [self._step_request(c, s) for c, s in zip(sched.chunks, samples, strict=True)],
-            finished_request_ids=self.finished_since_step,
-        )
-        self.finished_since_step = []
+        batch = StepBatch([self._step_request(c, s) for c, s in zip(sched.chunks, samples, strict=True)])
         result: StepResult = self.executor.execute_step(batch)
         k = 0
         for chunk, sampled in zip(sched.chunks, samples, strict=True):
@@ -371,7 +366,6 @@ class EngineCore:
         if request.status != RequestStatus.FINISHED:
             self.scheduler.remove(request)
         request.status, request.finish_reason, request.stop_reason = RequestStatus.FINISHED, reason, stop_reason
-        self.finished_since_step.append(request.request_id)
         for child in self.pending_forks.pop(request.request_id, []):  # never forked: nobody to share with
             self.scheduler.add(child)
 

@@ -131,4 +131,4 @@ class DraftProposer:
         request.num_draft_computed += min(num_accepted, max(num_proposed - 1, 0))
 
     def drop(self, request_id: str) -> None:
-        pass  # the runner drops its draft state with the target's (finished_request_ids)
+        pass  # no state per request: the draft's K/V sits in the request's blocks

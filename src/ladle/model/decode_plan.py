@@ -1,4 +1,4 @@
-"""A decode step's layers in one compiled call (`DecodePlan` in ladle/model/csrc).
+"""A step's layers in one compiled call (`DecodePlan` in ladle/model/csrc).
 
 At a few rows, a decoder layer is a dozen small calls (norms, four projections, rotary, the KV
 write, attention); made one by one from Python, they cost more than their work: on a 2-core EPYC at
@@ -9,8 +9,10 @@ modules (the same outputs bit for bit, which a test checks against the modules).
 It applies where every piece has a compiled form: a Llama-family model on the CPU with the `cpu`
 attention backend (C++ kernels built), and each projection a plain `nn.Linear`, a `PackedLinear`
 (oneDNN), a `W8A8Linear`, or an `Int8Linear` on its few-rows path. Elsewhere (`sdpa`, int4
-weights, a GPU) `build_decode_plan` returns None and the modules run; steps with a prompt chunk in
-them always take the modules.
+weights, a GPU) `build_decode_plan` returns None and the modules run. The `cpu` backend computes
+every token as a decode of its position, so prompt chunks run through the plan as well (each row
+with its own block table and context length); only steps of more rows than `max_rows` (int8's
+few-rows limit) take the modules.
 """
 
 from __future__ import annotations

@@ -63,8 +63,8 @@ class ModelRunner:
         self.kv_cache = KVCache(loaded, num_blocks, block_size)
         # every token as a decode of its own, where the backend computes attention that way
         self.rows_as_decodes = BACKENDS[loaded.attention_backend].rows_as_decodes
-        # steps run as one compiled call where the model has that form (CPU): steps of decodes
-        # only, and any step where every token is computed as a decode
+        # steps run as one compiled call where the model has that form (the CPU with the `cpu`
+        # backend, which computes every token as a decode)
         self.decode_plan = build_decode_plan(self.model, self.kv_cache.layers)
         self.sampler = Sampler(seed)
         # speculative decoding with a draft model: its own runner and KV cache, under the same block
@@ -113,11 +113,8 @@ class ModelRunner:
         in the order of `chunks`."""
         input_ids, positions, meta, logit_rows = self.prepare(chunks)
         plan, rows = self.decode_plan, len(input_ids)
-        if plan is not None and meta.row_block_tables is not None and rows <= plan.max_rows:
+        if plan is not None and rows <= plan.max_rows:  # the plan's backend fills the row tables
             hidden = plan.run(input_ids, positions, meta.slot_mapping, meta.row_block_tables, meta.row_context_lens)
-        elif plan is not None and not meta.prefills and meta.num_decode_tokens == rows <= plan.max_rows:
-            tables, lens = meta.decode_block_tables, meta.decode_context_lens
-            hidden = plan.run(input_ids, positions, meta.slot_mapping, tables, lens)
         else:
             hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
         if not len(logit_rows):
@@ -165,7 +162,7 @@ class ModelRunner:
         bs = self.block_size
         lens = [c.num_computed + 1 for c in decodes]
         width = -(-max(lens) // bs)
-        tables = [c.block_table[:width] + [0] * (width - min(width, len(c.block_table))) for c in decodes]
+        tables = [_padded_table(c.block_table, width) for c in decodes]
         meta.decode_block_tables = self._tensor(tables)
         meta.decode_context_lens = self._tensor(lens)
         meta.max_decode_context_len = max(lens)
@@ -180,11 +177,15 @@ class ModelRunner:
         tables, lens = [], []
         for c in ordered:
             n = len(c.token_ids)
-            row = c.block_table[:width] + [0] * (width - min(width, len(c.block_table)))
-            tables.append(torch.tensor(row, dtype=torch.int64).expand(n, width))
+            tables.append(torch.tensor(_padded_table(c.block_table, width), dtype=torch.int64).expand(n, width))
             lens.append(torch.arange(c.num_computed + 1, c.num_computed + n + 1, dtype=torch.int64))
         meta.row_block_tables = torch.cat(tables).to(self.device)
         meta.row_context_lens = torch.cat(lens).to(self.device)
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+
+
+def _padded_table(block_table: list[int], width: int) -> list[int]:
+    """The first `width` block ids, padded with block 0 (never read past the context length)."""
+    return block_table[:width] + [0] * (width - min(width, len(block_table)))

@@ -25,7 +25,6 @@ class StepRequest:
 @dataclass
 class StepBatch:
     requests: list[StepRequest]  # in the scheduler's order
-    finished_request_ids: list[str] = field(default_factory=list)  # per-request state to drop
 
 
 @dataclass
