@@ -37,8 +37,9 @@ BATCH_HINT = 64  # the reorder is tuned for this many rows; measured equally goo
 
 MAX_PAD_ROWS = 16  # pad a call to at most this many rows; beyond it the shape is not packed
 PROBE_ROWS = 256  # rows of the probe: every row is compared at every row count
-PROBE_COUNTS = (*range(1, 17), 24, 31, 33, 64, 127)  # the row counts compared with one call of PROBE_ROWS
-PROBE_SMALL_ROWS = 48  # calls of at most 16 rows are checked on the first this-many rows (each reads the weight)
+PROBE_SMALL_CALL = 16  # calls of at most this many rows are checked on the first PROBE_SMALL_ROWS rows only
+PROBE_COUNTS = (*range(1, PROBE_SMALL_CALL + 1), 24, 31, 33, 64, 127)  # row counts compared with PROBE_ROWS'
+PROBE_SMALL_ROWS = 48  # (each small call reads the whole weight: the lm_head's probe would take seconds)
 
 
 def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
@@ -70,7 +71,7 @@ def min_invariant_rows(dtype: torch.dtype, out_features: int, in_features: int) 
     full = packed_linear(x, packed, None)
 
     def agrees(n: int, pad_to: int) -> bool:  # every row, in calls of n rows padded to pad_to
-        for start in range(0, PROBE_ROWS if n > 16 else PROBE_SMALL_ROWS, n):
+        for start in range(0, PROBE_ROWS if n > PROBE_SMALL_CALL else PROBE_SMALL_ROWS, n):
             rows = x[start : start + n]
             k = len(rows)
             if k < pad_to:
