@@ -153,6 +153,37 @@ def test_packed_linear_equals_f_linear(dtype):
             assert torch.equal(layer(x), layer(big)[:rows])
 
 
+def test_row_plan_shapes_calls_by_padding_or_by_a_ladder():
+    from ladle.model.packed import RowPlan
+
+    assert RowPlan().calls(5) == [(0, 5, 5)]
+    assert RowPlan(2).calls(1) == [(0, 1, 2)] and RowPlan(2).calls(9) == [(0, 9, 9)]
+    ladder = RowPlan(33, (33, 64, 96, 128))
+    assert ladder.calls(1) == [(0, 1, 33)] and ladder.calls(33) == [(0, 33, 33)]
+    assert ladder.calls(65) == [(0, 65, 96)]
+    assert ladder.calls(300) == [(0, 128, 128), (128, 128, 128), (256, 44, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(576, 1536), (960, 576)])  # SmolLM2's down and qkv projections
+def test_packed_rows_have_the_same_bits_in_calls_of_any_size(dtype, shape):
+    """Whatever this CPU's oneDNN needs (no padding, padding of small calls, or a ladder of row
+    counts on AMX), the probed plan gives every row the bits it has in one call of all rows."""
+    from ladle.model.packed import PackedLinear, packing_available, row_plan
+
+    if not packing_available(dtype, torch.device("cpu")):
+        pytest.skip(f"Ladle keeps F.linear for {dtype} on this CPU (no native bf16)")
+    plan = row_plan(dtype, *shape)
+    assert plan is not None, f"no invariant shaping of oneDNN's {dtype} linear {shape} on this CPU"
+    g = torch.Generator().manual_seed(1)
+    layer = PackedLinear(torch.randn(*shape, generator=g).to(dtype), None, plan)
+    x = torch.randn(1100, shape[1], generator=g).to(dtype)
+    full = layer(x)
+    for n in (*range(1, 70), 100, 255, 256, 257, 300, 511, 512, 513, 700):
+        rows = torch.cat([layer(x[start : start + n]) for start in range(0, len(x), n)])
+        assert torch.equal(rows, full), (n, plan)
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4-g32", "int4-g64"])
 def test_ladle_decode_kernels_match_the_dequantized_weights_and_ignore_the_batch(kind):
     """Ladle's own few-rows kernels: the product with the dequantized weight, and each row's bits

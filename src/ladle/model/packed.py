@@ -9,16 +9,21 @@ where oneDNN is built in.
 
 Every row's result must not depend on how many rows share the call: that is what makes a
 request's tokens the same alone and in any batch, chunked or not, speculating or not. oneDNN does
-not give it for free: it picks its blocking by the shape, and on a 2-core Zen 5 EPYC (AVX-512 BF16)
-the down projection of SmolLM2 (K = 1,536) gives a row other bits in a call of one row than in a
-call of several (in bfloat16 and float32), while K = 576 gives the same bits at any count.
-So each weight shape is probed once per process (`min_invariant_rows`): the fewest rows `m`
-such that calls of any row count, padded to `m` rows where fewer, give every row the bits of one
-call of `PROBE_ROWS` rows (checked at 1-16 rows on the first 48 rows, at 24 to 127 on all of
-them). A call with fewer rows is padded with zero rows up to that count (the down projection
-needs 2 here in both dtypes: 35.6 -> 38.9 us at one row in bfloat16; no cost where the minimum
-is 1). A shape with no such count within `MAX_PAD_ROWS` (none seen) keeps plain `nn.Linear`, and
-a warning says so.
+not give it for free: it picks its kernel and blocking by the shape. So each weight shape is probed
+once per process (`row_plan`) for a way of shaping the calls that gives every row the same bits:
+- on a 2-core Zen 5 EPYC (AVX-512 BF16, no AMX) any row count does, except that the down
+  projection of SmolLM2 (K = 1,536) gives other bits in a call of one row: calls of fewer rows than
+  `min_rows` (2 there, found among 1-16) are padded with zero rows (35.6 -> 38.9 us at one row);
+- on a 2-core Xeon with AMX, oneDNN runs calls of up to 32 rows on AVX-512 and larger ones on AMX
+  tiles, which round differently, and some shapes switch kernels again at other counts (K = 1,536:
+  33-36 and 256-300 rows; N = 960: 480 rows and more). There no padding of small calls helps;
+  instead calls take only `counts`, the largest set of row counts probed to agree (from 17-64, then
+  multiples of 32 up to `LADDER_MAX_ROWS`, fewer for a weight as large as the lm_head): a call is
+  padded up to the next count, and a larger one split into calls of the largest. Decoding a few
+  requests then computes 33 rows where it needed 1 (on that Xeon, SmolLM2's projections of one
+  row: 26-130 us on AVX-512, 29-165 us as 33 rows on AMX), the price of the same text whatever
+  else is batched; prefill keeps AMX's speed (10x AVX-512's there).
+A shape with neither (none seen) keeps plain `nn.Linear`, and a warning says so.
 float16 reorders need AVX-NE-CONVERT or AVX512-FP16, rare here.
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,11 +41,34 @@ log = logging.getLogger(__name__)
 BATCH_HINT = 64  # the reorder is tuned for this many rows; measured equally good from 1 to 2,048
 
 
-MAX_PAD_ROWS = 16  # pad a call to at most this many rows; beyond it the shape is not packed
+MAX_PAD_ROWS = 16  # pad a call to at most this many rows where every larger count agrees
 PROBE_ROWS = 256  # rows of the probe: every row is compared at every row count
 PROBE_SMALL_CALL = 16  # calls of at most this many rows are checked on the first PROBE_SMALL_ROWS rows only
 PROBE_COUNTS = (*range(1, PROBE_SMALL_CALL + 1), 24, 31, 33, 64, 127)  # row counts compared with PROBE_ROWS'
 PROBE_SMALL_ROWS = 48  # (each small call reads the whole weight: the lm_head's probe would take seconds)
+LADDER_MAX_ROWS = 512  # the largest call of a ladder; larger ones are split into calls of this many rows
+LADDER_MAX_MACS = 1 << 32  # ... or fewer, so that one call is at most this many multiply-adds (the lm_head's)
+LADDER_FIRST = range(MAX_PAD_ROWS + 1, 65)  # where the ladder's smallest count is looked for
+LADDER_STEP = 32  # the ladder's counts above its smallest: multiples of this
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """How the calls of one packed linear are shaped so that no row's bits depend on the call."""
+
+    min_rows: int = 1  # calls of fewer rows are padded with zero rows to this many
+    counts: tuple[int, ...] = ()  # if set, the only row counts a call takes (ascending; see the module)
+
+    def calls(self, n: int) -> list[tuple[int, int, int]]:
+        """(first row, rows, rows with the padding) of each call that computes n rows."""
+        if not self.counts:
+            return [(0, n, max(n, self.min_rows))]
+        largest = self.counts[-1]
+        out = []
+        for start in range(0, n, largest):
+            rows = min(largest, n - start)
+            out.append((start, rows, next(c for c in self.counts if c >= rows)))
+        return out
 
 
 def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
@@ -60,50 +89,101 @@ def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tens
 
 
 @functools.cache
-def min_invariant_rows(dtype: torch.dtype, out_features: int, in_features: int) -> int | None:
-    """The fewest rows from which oneDNN's packed linear of this shape gives each row the same bits
-    at any row count (probed on seeded random data: the kernel oneDNN picks depends on the shapes,
-    not the values); None where no count up to MAX_PAD_ROWS does."""
+def row_plan(dtype: torch.dtype, out_features: int, in_features: int) -> RowPlan | None:
+    """How calls of oneDNN's packed linear of this shape must be shaped so that each row gets the
+    same bits in any call (probed on seeded random data: the kernel oneDNN picks depends on the
+    shapes, not the values); None where neither padding nor a ladder gives it."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(out_features, in_features, generator=g).to(dtype)
-    x = torch.randn(PROBE_ROWS, in_features, generator=g).to(dtype)
+    x = torch.randn(max(PROBE_ROWS, LADDER_MAX_ROWS), in_features, generator=g).to(dtype)
     packed = torch.ops.mkldnn._reorder_linear_weight(w, BATCH_HINT)
+    min_rows = _min_invariant_rows(packed, x[:PROBE_ROWS])
+    if min_rows is not None:
+        return RowPlan(min_rows)
+    affordable = LADDER_MAX_MACS // (out_features * in_features) // LADDER_STEP * LADDER_STEP
+    return _ladder(packed, x[: max(LADDER_FIRST.stop - 1 + LADDER_STEP, min(LADDER_MAX_ROWS, affordable))])
+
+
+def _computed(packed: torch.Tensor, x: torch.Tensor, call_rows: int, pad_to: int) -> torch.Tensor:
+    """x's rows in calls of call_rows rows, each padded with zero rows to pad_to."""
+    parts = []
+    for start in range(0, len(x), call_rows):
+        rows = x[start : start + call_rows]
+        k = len(rows)
+        if k < pad_to:
+            rows = torch.cat([rows, rows.new_zeros(pad_to - k, x.shape[1])])
+        parts.append(packed_linear(rows, packed, None)[:k])
+    return torch.cat(parts)
+
+
+def _min_invariant_rows(packed: torch.Tensor, x: torch.Tensor) -> int | None:
+    """The fewest rows m (up to MAX_PAD_ROWS) such that calls of any row count, padded to m rows
+    where fewer, give every row the bits of one call of all of x's rows."""
     full = packed_linear(x, packed, None)
 
-    def agrees(n: int, pad_to: int) -> bool:  # every row, in calls of n rows padded to pad_to
-        for start in range(0, PROBE_ROWS if n > PROBE_SMALL_CALL else PROBE_SMALL_ROWS, n):
-            rows = x[start : start + n]
-            k = len(rows)
-            if k < pad_to:
-                rows = torch.cat([rows, rows.new_zeros(pad_to - k, in_features)])
-            if not torch.equal(packed_linear(rows, packed, None)[:k], full[start : start + k]):
-                return False
-        return True
+    def agrees(n: int, pad_to: int) -> bool:
+        rows = len(x) if n > PROBE_SMALL_CALL else PROBE_SMALL_ROWS
+        return torch.equal(_computed(packed, x[:rows], n, pad_to), full[:rows])
 
+    if not agrees(MAX_PAD_ROWS, MAX_PAD_ROWS):  # calls of that many rows disagree: no padding up to it helps
+        return None
     for m in range(1, MAX_PAD_ROWS + 1):
         if all(agrees(n, m) for n in PROBE_COUNTS):
             return m
     return None
 
 
-class PackedLinear(nn.Module):
-    """A linear layer on oneDNN's reordered weight whose rows do not depend on the batch: calls
-    with fewer than `min_rows` rows are padded with zero rows (see the module's docstring)."""
+def _ladder(packed: torch.Tensor, x: torch.Tensor) -> RowPlan | None:
+    """The largest set of row counts whose calls give every row the same bits: candidates are
+    LADDER_FIRST and the multiples of LADDER_STEP up to LADDER_MAX_ROWS, grouped by the bits they
+    give (the small ones on the first rows, the larger ones on all rows, a partial last call
+    padded); the group must hold a count from LADDER_FIRST, for the calls of a few rows."""
+    head = LADDER_FIRST.stop - 1
+    small = {m: _computed(packed, x[:head], m, m) for m in LADDER_FIRST}
+    large = {c: _computed(packed, x, c, c) for c in range(LADDER_FIRST.stop - 1 + LADDER_STEP, len(x) + 1, LADDER_STEP)}
+    groups: list[tuple[list[int], torch.Tensor | None]] = []  # (counts, all rows of the group's large calls)
+    for count, out in [*small.items(), *large.items()]:
+        for counts, rows in groups:
+            first = small.get(counts[0], large.get(counts[0]))
+            if not torch.equal(out[:head], first[:head]):
+                continue
+            if count in large and rows is not None and not torch.equal(out, rows):
+                continue
+            counts.append(count)
+            if count in large and rows is None:
+                groups[groups.index((counts, rows))] = (counts, out)
+            break
+        else:
+            groups.append(([count], out if count in large else None))
+    usable = [counts for counts, _ in groups if counts[0] in LADDER_FIRST]
+    if not usable:
+        return None
+    best = max(usable, key=lambda counts: (len(counts), -counts[0]))
+    return RowPlan(best[0], tuple(best))
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, min_rows: int = 1):
+
+class PackedLinear(nn.Module):
+    """A linear layer on oneDNN's reordered weight whose rows do not depend on the batch: each call
+    shaped as its RowPlan says (see the module's docstring)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: RowPlan = RowPlan()):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.min_rows = min_rows
+        self.plan = plan
         self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        n = rows.shape[0]
-        if n < self.min_rows:
-            rows = torch.cat([rows, rows.new_zeros(self.min_rows - n, self.in_features)])
-        out = packed_linear(rows, self.packed_weight, self.bias)[:n]
+        calls = self.plan.calls(rows.shape[0])
+        out = torch.cat([self._call(rows[start : start + n], padded) for start, n, padded in calls])
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _call(self, rows: torch.Tensor, padded: int) -> torch.Tensor:
+        n = rows.shape[0]
+        if n < padded:
+            rows = torch.cat([rows, rows.new_zeros(padded - n, self.in_features)])
+        return packed_linear(rows, self.packed_weight, self.bias)[:n]
 
 
 def pack_linears(model: nn.Module) -> int:
@@ -115,14 +195,14 @@ def pack_linears(model: nn.Module) -> int:
         for child_name, child in list(module.named_children()):
             if type(child) is not nn.Linear:
                 continue
-            min_rows = min_invariant_rows(child.weight.dtype, child.out_features, child.in_features)
-            if min_rows is None:
+            plan = row_plan(child.weight.dtype, child.out_features, child.in_features)
+            if plan is None:
                 log.warning(
-                    "oneDNN's %s linear %dx%d gives rows that depend on the batch at every row count up to %d: "
+                    "oneDNN's %s linear %dx%d gives rows that depend on the batch however its calls are shaped: "
                     "kept as nn.Linear, so outputs may differ with what else is batched",
-                    child.weight.dtype, child.out_features, child.in_features, MAX_PAD_ROWS,
+                    child.weight.dtype, child.out_features, child.in_features,
                 )  # fmt: skip
                 continue
-            setattr(module, child_name, PackedLinear(child.weight, child.bias, min_rows))
+            setattr(module, child_name, PackedLinear(child.weight, child.bias, plan))
             count += 1
     return count
