@@ -7,12 +7,23 @@ Every user error (bad path, bad flag value, bad file) ends in one line on stderr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
 
 from ladle import __version__
-from ladle.config import QUANTIZATION_METHODS, ModelConfig
+from ladle.config import (
+    POLICIES,
+    QUANTIZATION_METHODS,
+    AdmissionConfig,
+    CacheConfig,
+    LatencyTargets,
+    ModelConfig,
+    ModelEntry,
+    SchedulerConfig,
+    ServerConfig,
+)
 from ladle.errors import LadleError
 
 EXIT_USER_ERROR = 2
@@ -29,15 +40,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--dtype",
-        default="auto",
+        default=ModelConfig.dtype,
         choices=["auto", "float32", "bfloat16", "float16"],
         help="weight and KV-cache dtype; auto = bf16 on CUDA and on CPUs with native bf16, else float32",
     )
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default)")
+    g.add_argument("--device", default=ModelConfig.device, help="cpu, cuda, cuda:N, or auto (default)")
     g.add_argument(
         "--quantization",
         "-q",
-        default="none",
+        default=ModelConfig.quantization,
         choices=QUANTIZATION_METHODS,
         help="int8 per channel, int4 in groups of 64, or from-gguf (a GGUF file's Q4_0/Q4_1 blocks as "
         "exact int4, Q8_0 as int8): weight-only, the lm_head int8, fastest at low concurrency; w8a8 (CPU): "
@@ -128,20 +139,30 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         metavar="GIB",
         help="KV-cache budget in GiB (default: a quarter of free RAM up to 4 GiB; 85%% of free GPU memory)",
     )
-    g.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block (16)")
+    c, sc = CacheConfig(), SchedulerConfig()
+    g.add_argument(
+        "--block-size", type=int, default=c.block_size, metavar="N", help=f"tokens per KV block ({c.block_size})"
+    )
     g.add_argument("--no-prefix-caching", action="store_true", help="recompute shared prefixes")
     g.add_argument(
         "--max-num-batched-tokens",
         type=int,
-        default=2048,
+        default=sc.max_num_batched_tokens,
         metavar="N",
-        help="tokens computed per step across requests; longer prompts prefill in chunks (2048)",
+        help="tokens computed per step across requests; longer prompts prefill in chunks "
+        f"({sc.max_num_batched_tokens})",
     )
-    g.add_argument("--max-num-seqs", type=int, default=64, metavar="N", help="requests running at once (64)")
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=sc.max_num_seqs,
+        metavar="N",
+        help=f"requests running at once ({sc.max_num_seqs})",
+    )
     g.add_argument(
         "--scheduling-policy",
-        choices=["fcfs", "priority"],
-        default="fcfs",
+        choices=POLICIES,
+        default=sc.policy,
         help="fcfs, or priority (lower value first, preempting higher values)",
     )
     from ladle.config import SPECULATIVE_METHODS, SpeculativeConfig
@@ -151,7 +172,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--speculative",
         choices=SPECULATIVE_METHODS,
-        default="none",
+        default=d.method,
         help="guess tokens and verify them in one pass: ngram (prompt lookup) or draft (--draft-model)",
     )
     g.add_argument(
@@ -199,6 +220,79 @@ def _read_prompts():
             yield line.rstrip("\n")
 
 
+SERVER_FLAGS = {  # serve flag dest -> ServerConfig field: the flags that may override a config file
+    "host": "host", "port": "port", "api_key": "api_keys", "admin_key": "admin_keys",
+    "max_request_bytes": "max_request_bytes", "drain_timeout": "drain_timeout_s",
+}  # fmt: skip
+
+
+def _add_serve_args(srv: argparse.ArgumentParser) -> None:
+    d, e, a = ServerConfig(), ModelEntry(name="-"), AdmissionConfig()
+    g = srv.add_argument_group("server")
+    g.add_argument("--host", default=d.host, help=f"address to bind ({d.host})")
+    g.add_argument("--port", type=int, default=d.port, help=f"port ({d.port})")
+    g.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the model name clients use (default: from the file or folder)",
+    )
+    g.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accept this bearer token (repeatable); without one, no authentication",
+    )
+    g.add_argument(
+        "--admin-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="bearer token of the admin API, /admin/models (repeatable); without one, no admin API",
+    )
+    g.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=d.max_request_bytes,
+        metavar="N",
+        help=f"larger request bodies get 413 ({d.max_request_bytes // (1 << 20)} MiB)",
+    )
+    g.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=d.drain_timeout_s,
+        metavar="S",
+        help=f"on SIGTERM, seconds in-flight requests may still run before they are aborted ({d.drain_timeout_s:g})",
+    )
+    g.add_argument("--no-warmup", action="store_true", help="skip the warm-up passes before /ready")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g = srv.add_argument_group("admission")
+    g.add_argument("--ttft-target-ms", type=float, default=None, metavar="MS", help="P95 time-to-first-token target")
+    g.add_argument("--tpot-target-ms", type=float, default=None, metavar="MS", help="P95 time-per-output-token target")
+    g.add_argument(
+        "--max-queue-wait",
+        type=float,
+        default=a.max_queue_wait_s,
+        metavar="S",
+        help=f"without a TTFT target: refuse (429) a request predicted to wait longer ({a.max_queue_wait_s:g} s)",
+    )
+    g.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=a.queue_timeout_s,
+        metavar="S",
+        help="drop a request still queued after S seconds, with an error (default: never)",
+    )
+    g.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=e.max_waiting_requests,
+        metavar="N",
+        help=f"requests queued beyond this get 429 with Retry-After ({e.max_waiting_requests})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ladle", description="Ladle: an LLM inference server with an OpenAI-compatible API."
@@ -217,48 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
     gen.set_defaults(func=_cmd_generate)
 
-    srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    srv = sub.add_parser(
+        "serve",
+        help="serve models over an OpenAI-compatible HTTP API",
+        description="Serve one model given by flags, or the models of a config file (--config).",
+    )
+    srv.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="a YAML file declaring the models, router and server (examples/ladle.yaml); server flags given "
+        "beside it override the file's",
+    )
     _add_model_args(srv)
     _add_engine_args(srv)
-    g = srv.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    g.add_argument("--port", type=int, default=8000, help="port (8000)")
-    g.add_argument(
-        "--served-model-name",
-        default=None,
-        metavar="NAME",
-        help="the model name clients use (default: from the file or folder)",
-    )
-    g.add_argument(
-        "--api-key",
-        action="append",
-        default=[],
-        metavar="KEY",
-        help="accept this bearer token (repeatable); without one, no authentication",
-    )
-    g.add_argument(
-        "--max-request-bytes",
-        type=int,
-        default=8 * 1024 * 1024,
-        metavar="N",
-        help="larger request bodies get 413 (8 MiB)",
-    )
-    g.add_argument(
-        "--max-waiting-requests",
-        type=int,
-        default=256,
-        metavar="N",
-        help="requests queued beyond this get 429 with Retry-After (256)",
-    )
-    g.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=30.0,
-        metavar="S",
-        help="on SIGTERM, seconds in-flight requests may still run before they are aborted (30)",
-    )
-    g.add_argument("--no-warmup", action="store_true", help="skip the warm-up passes before /ready")
-    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_serve_args(srv)
     srv.set_defaults(func=_cmd_serve)
 
     conv = sub.add_parser("convert", help="write a model (GGUF or HF folder) as a plain Hugging Face folder")
@@ -414,22 +481,54 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ladle.config import LadleConfig, ServerConfig
-    from ladle.model.source import resolve_model
     from ladle.server.serve import run
 
-    source = resolve_model(args.model, args.served_model_name)  # a bad path fails here, before binding
-    server = ServerConfig(
-        host=args.host,
-        port=args.port,
-        api_keys=tuple(args.api_key),
-        max_request_bytes=args.max_request_bytes,
-        max_waiting_requests=args.max_waiting_requests,
-        drain_timeout_s=args.drain_timeout,
-        warmup=not args.no_warmup,
-    )
+    defaults = _serve_defaults()
+    cfg = _config_from_file(args, defaults) if args.config else _config_from_flags(args, defaults)
     logging.getLogger("ladle").setLevel(logging.DEBUG if args.debug else getattr(logging, args.log_level.upper()))
-    return run(LadleConfig(engine=_engine_config(args), server=server), source.name, args.log_level)
+    return run(cfg, args.log_level)
+
+
+def _server_config(args: argparse.Namespace, base: ServerConfig, defaults: dict) -> ServerConfig:
+    """base, with the server flags that differ from their defaults."""
+    given = {
+        field: tuple(value) if isinstance(value, list) else value
+        for dest, field in SERVER_FLAGS.items()
+        if (value := getattr(args, dest)) != defaults[dest]
+    }
+    return dataclasses.replace(base, warmup=base.warmup and not args.no_warmup, **given)
+
+
+def _config_from_flags(args: argparse.Namespace, defaults: dict):
+    from ladle.config import LadleConfig
+    from ladle.model.source import resolve_model
+
+    source = resolve_model(args.model, args.served_model_name)  # a bad path fails here, before binding
+    entry = ModelEntry(
+        name=source.name,
+        engine=_engine_config(args),
+        targets=LatencyTargets(ttft_ms=args.ttft_target_ms, tpot_ms=args.tpot_target_ms),
+        max_waiting_requests=args.max_waiting_requests,
+    )
+    admission = AdmissionConfig(max_queue_wait_s=args.max_queue_wait, queue_timeout_s=args.queue_timeout)
+    return LadleConfig(models=(entry,), server=_server_config(args, ServerConfig(), defaults), admission=admission)
+
+
+def _config_from_file(args: argparse.Namespace, defaults: dict):
+    from ladle.config_file import load_config_file
+
+    model_flags = sorted(
+        f"--{dest.replace('_', '-')}"
+        for dest, value in vars(args).items()
+        if dest in defaults and dest not in SERVER_FLAGS and dest not in ("config", "no_warmup", "log_level")
+        and value != defaults[dest]
+    )  # fmt: skip
+    if model_flags:
+        raise LadleError(f"{', '.join(model_flags)}: with --config, give model settings in the file")
+    cfg = load_config_file(args.config)
+    if not cfg.models:
+        raise LadleError(f"{args.config}: the config declares no models (a `models:` list)")
+    return dataclasses.replace(cfg, server=_server_config(args, cfg.server, defaults))
 
 
 def _cmd_bench_throughput(args: argparse.Namespace) -> int:
@@ -439,6 +538,15 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             raise LadleError(f"--{flag.replace('_', '-')} must be at least 1")
     return bench_main(args, _engine_config(args))
+
+
+def _serve_defaults() -> dict:
+    parser = argparse.ArgumentParser()
+    _add_model_args(parser)
+    _add_engine_args(parser)
+    _add_serve_args(parser)
+    parser.add_argument("--config", default=None)
+    return vars(parser.parse_args([]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from ladle.errors import LadleError
 
+INLINE = {"inline": True}  # a config file gives this field's own fields in the parent's mapping
+
 POLICIES = ("fcfs", "priority")
 QUANTIZATION_METHODS = ("none", "int8", "int4", "from-gguf", "w8a8")  # ladle.model.quant implements them
 
@@ -102,11 +104,133 @@ class SpeculativeConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=INLINE)
+    cache: CacheConfig = field(default_factory=CacheConfig, metadata=INLINE)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig, metadata=INLINE)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     seed: int = 0  # seeds the sampling of requests that bring no seed of their own
+
+
+@dataclass(frozen=True)
+class LatencyTargets:
+    """What admission keeps a model's served requests to (P95 goals); None: no target."""
+
+    ttft_ms: float | None = None  # time to first token
+    tpot_ms: float | None = None  # time per output token after the first
+
+    def __post_init__(self):
+        for name in ("ttft_ms", "tpot_ms"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise LadleError(f"{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model the server serves: its engine and how the router treats it."""
+
+    name: str  # the name requests address it by
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata=INLINE)
+    aliases: tuple[str, ...] = ()  # other names that reach it
+    targets: LatencyTargets = field(default_factory=LatencyTargets)
+    degrade_to: str | None = None  # the model a request goes to when this one would break its target
+    fallback: str | None = None  # the upstream used when this model is short of capacity or failing
+    warmup_prompts: tuple[str, ...] = ()  # prompts run before it turns ready (default: two synthetic ones)
+    idle_unload_s: float | None = None  # unloaded after this long without a request; None: never
+    pinned: bool = False  # never evicted by the memory budget, never idle-unloaded
+    load_at_start: bool = True  # loaded when the server starts (else on the first request)
+    max_waiting_requests: int = 256  # requests queued for it beyond this get 429
+    max_waiting_prompt_tokens: int = 1 << 20  # prompt tokens queued for it beyond this get 429
+
+    def __post_init__(self):
+        if not self.name:
+            raise LadleError("a model needs a name")
+        if self.max_waiting_requests < 1:
+            raise LadleError(f"max_waiting_requests must be at least 1, got {self.max_waiting_requests}")
+        if self.max_waiting_prompt_tokens < 1:
+            raise LadleError(f"max_waiting_prompt_tokens must be at least 1, got {self.max_waiting_prompt_tokens}")
+        if self.idle_unload_s is not None and self.idle_unload_s <= 0:
+            raise LadleError(f"idle_unload_s must be positive, got {self.idle_unload_s}")
+        if self.degrade_to == self.name:
+            raise LadleError(f"model {self.name!r} cannot degrade to itself")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """An OpenAI-compatible server (a managed API, another Ladle) requests can fall back to."""
+
+    name: str  # how models' `fallback` names it
+    url: str  # its OpenAI base URL, e.g. https://api.openai.com/v1
+    model: str | None = None  # the model name sent to it (default: the one requested)
+    api_key: str | None = None  # bearer token sent to it
+    api_key_env: str | None = None  # ... or the environment variable that holds it
+    timeout_s: float = 120.0  # the longest a response (or the gap between streamed chunks) may take
+    connect_timeout_s: float = 5.0
+
+    def __post_init__(self):
+        if not self.url.startswith(("http://", "https://")):
+            raise LadleError(f"upstream {self.name!r}: url must start with http:// or https://, got {self.url!r}")
+        if self.api_key and self.api_key_env:
+            raise LadleError(f"upstream {self.name!r}: give api_key or api_key_env, not both")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """A model name (`auto` by default) that picks the small or the large model per request from
+    a score of the request: each sign of a hard request adds its weight."""
+
+    name: str = "auto"  # the name requests use to get routed
+    small: str = ""  # the model for easy requests
+    large: str = ""  # the model for hard ones
+    threshold: float = 1.0  # a score at or above this goes to the large model
+    long_prompt_tokens: int = 1500  # a prompt this long adds 1
+    deep_conversation_turns: int = 8  # this many messages add 1
+    long_output_tokens: int = 1024  # max_tokens this large adds 0.5
+    code_weight: float = 0.5  # code in the prompt (fences, keywords) adds this much
+    math_weight: float = 0.5  # math (equations, proofs) adds this much
+    reasoning_weight: float = 1.0  # an explicit ask to reason step by step adds this much
+
+    def __post_init__(self):
+        if not self.small or not self.large:
+            raise LadleError(f"router {self.name!r} needs a small and a large model")
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """How many models may be loaded at once; the least recently used unpinned one is evicted."""
+
+    max_loaded_models: int | None = None  # None: no limit
+    max_loaded_gib: float | None = None  # weights + KV cache of the loaded models; None: no limit
+    load_wait_s: float = 120.0  # how long a request waits for its model to load before a 503
+
+    def __post_init__(self):
+        if self.max_loaded_models is not None and self.max_loaded_models < 1:
+            raise LadleError(f"max_loaded_models must be at least 1, got {self.max_loaded_models}")
+        if self.max_loaded_gib is not None and self.max_loaded_gib <= 0:
+            raise LadleError(f"max_loaded_gib must be positive, got {self.max_loaded_gib}")
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Admission against latency targets (see docs/serving-layer.md)."""
+
+    enabled: bool = True  # off: every valid request is queued (up to the per-model bounds)
+    max_queue_wait_s: float = 30.0  # without a TTFT target: the longest predicted wait admitted
+    queue_timeout_s: float | None = None  # a request still waiting this long is dropped with an error
+    min_retry_after_s: int = 1  # Retry-After bounds
+    max_retry_after_s: int = 60
+
+    def __post_init__(self):
+        if self.max_queue_wait_s <= 0:
+            raise LadleError(f"--max-queue-wait must be positive, got {self.max_queue_wait_s}")
+        if self.queue_timeout_s is not None and self.queue_timeout_s <= 0:
+            raise LadleError(f"--queue-timeout must be positive, got {self.queue_timeout_s}")
+        if not 1 <= self.min_retry_after_s <= self.max_retry_after_s:
+            raise LadleError("need 1 <= min_retry_after_s <= max_retry_after_s")
 
 
 @dataclass(frozen=True)
@@ -114,8 +238,8 @@ class ServerConfig:
     host: str = "127.0.0.1"  # address to bind
     port: int = 8000  # TCP port
     api_keys: tuple[str, ...] = ()  # accepted bearer tokens; empty = no authentication
+    admin_keys: tuple[str, ...] = ()  # bearer tokens of the admin API; empty = no admin API
     max_request_bytes: int = 8 * 1024 * 1024  # larger bodies get 413
-    max_waiting_requests: int = 256  # queued requests beyond this get 429
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may still run
     warmup: bool = True  # run a few real forward passes before /ready turns true
 
@@ -124,13 +248,42 @@ class ServerConfig:
             raise LadleError(f"--port must be in 0..65535, got {self.port}")
         if self.max_request_bytes < 1024:
             raise LadleError(f"--max-request-bytes must be at least 1024, got {self.max_request_bytes}")
-        if self.max_waiting_requests < 1:
-            raise LadleError(f"--max-waiting-requests must be at least 1, got {self.max_waiting_requests}")
+        if set(self.api_keys) & set(self.admin_keys):
+            raise LadleError("an admin key may not also be a user API key")
         if self.drain_timeout_s < 0:
             raise LadleError(f"--drain-timeout must be >= 0, got {self.drain_timeout_s}")
 
 
 @dataclass(frozen=True)
 class LadleConfig:
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The whole tree: the server, the models it serves and how requests reach them."""
+
+    models: tuple[ModelEntry, ...] = ()
     server: ServerConfig = field(default_factory=ServerConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    routers: tuple[RouterConfig, ...] = ()
+
+    def __post_init__(self):
+        seen: dict[str, str] = {}
+        for kind, name in [("model", n) for m in self.models for n in m.names] + [
+            ("router", r.name) for r in self.routers
+        ]:
+            if name in seen:
+                raise LadleError(f"the name {name!r} is used twice ({seen[name]} and {kind})")
+            seen[name] = kind
+        upstreams = {u.name for u in self.upstreams}
+        models = {m.name for m in self.models}
+        for m in self.models:
+            if m.degrade_to is not None and m.degrade_to not in models:
+                raise LadleError(f"model {m.name!r}: degrade_to {m.degrade_to!r} is not a model of this config")
+            if m.fallback is not None and m.fallback not in upstreams:
+                raise LadleError(f"model {m.name!r}: fallback {m.fallback!r} is not an upstream of this config")
+        for r in self.routers:
+            for which in (r.small, r.large):
+                if which not in models:
+                    raise LadleError(f"router {r.name!r}: {which!r} is not a model of this config")
+
+    def model(self, name: str) -> ModelEntry:
+        return next(m for m in self.models if name in m.names)

@@ -74,9 +74,9 @@ def test_a_call_runs_on_the_loop_thread_between_steps(engine):
     eng, _ = engine
 
     async def main():
-        return await eng.call(lambda core: threading.current_thread().name)
+        return await eng.call(lambda core: threading.current_thread())
 
-    assert asyncio.run(main()) == "ladle-engine"
+    assert asyncio.run(main()) is eng.compute.thread is not threading.current_thread()
 
 
 def test_leaving_the_stream_aborts_and_frees_every_block(engine):

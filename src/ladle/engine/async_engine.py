@@ -1,27 +1,28 @@
-"""The engine for async callers (the HTTP server): a loop thread drives EngineCore, callers await
-token deltas.
+"""The engine for async callers (the HTTP server): a ComputeLoop thread drives EngineCore,
+callers await token deltas.
 
-The engine loop runs in its own thread, so a forward pass never blocks the caller's event loop and
-the event loop never delays a step. Requests and aborts travel to the loop through a queue;
-deltas travel back with `call_soon_threadsafe`, one hop per step for all requests.
-
-`launch` builds the engine (loading the model) inside that same thread: PyTorch's CPU ops run in an
-OpenMP team per calling thread, and once a second thread has a team, libgomp sees more threads than
-cores and stops spinning between parallel regions, so every region pays a sleep and a wake-up. On a
-2-core EPYC that made a decode step 35 ms against 21 ms when the model was loaded in one thread and
-run in another; one thread for all tensor work keeps one team.
+The loop runs in its own thread, so a forward pass never blocks the caller's event loop and the
+event loop never delays a step. Requests and aborts travel to the loop through a queue; deltas
+travel back with `call_soon_threadsafe`, one hop per step for all requests. Several AsyncEngines
+may share one ComputeLoop (`ladle.engine.compute`: one thread for all tensor work, engines stepped
+in turn); `launch` builds the engine (loading the model) on the loop's thread, and `start` gives an
+engine built elsewhere a loop of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from ladle.engine.compute import ComputeLoop
 from ladle.engine.core import EngineCore
+from ladle.engine.load import LoadSnapshot, LoadTracker
 from ladle.engine.outputs import RequestOutput
 from ladle.errors import InvalidRequestError
 from ladle.sample.params import SamplingParams
@@ -63,60 +64,69 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: EngineCore):
+    def __init__(self, engine: EngineCore, compute: ComputeLoop | None = None):
         self.engine = engine
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()  # guards `streams` between the caller's loop and the engine thread
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.compute = compute
+        self._own_compute = False  # a loop of its own (start()), stopped with the engine
         self.error: BaseException | None = None
         self._num_pending_adds = 0  # requests queued for the loop thread, not yet in the scheduler
+        self._pending_prompt_tokens = 0  # ... and their prompt tokens
+        sc = engine.config.scheduler
+        self.load_tracker = LoadTracker(sc.max_num_batched_tokens, sc.max_num_seqs)
+        self.last_step_s = 0.0  # when its last step began (the ComputeLoop steps the least recent first)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     @classmethod
-    def launch(cls, build: Callable[[], EngineCore]) -> AsyncEngine:
-        """Start the loop thread, build the engine in it with `build()`, and return once it is
-        built (raising what `build` raised). Blocks: call it from a worker thread in async code."""
-        built = threading.Event()
-        box: dict = {}
-
-        def main() -> None:
-            try:
-                box["engine"] = cls(build())
-            except BaseException as e:  # handed to the caller, who reports it
-                box["error"] = e
-                return
-            finally:
-                built.set()
-            box["engine"]._run()
-
-        thread = threading.Thread(target=main, name="ladle-engine", daemon=True)
-        thread.start()
-        built.wait()
-        if "error" in box:
-            thread.join()
-            raise box["error"]
-        engine = box["engine"]
-        engine._thread = thread
+    def launch(cls, build: Callable[[], EngineCore], compute: ComputeLoop | None = None) -> AsyncEngine:
+        """Build the engine with `build()` on the compute loop's thread (a loop of its own when none
+        is given), attach it there, and return once it runs (raising what `build` raised). Blocks:
+        call it from a worker thread in async code."""
+        own = compute is None
+        compute = compute or ComputeLoop().start()
+        try:
+            engine = cls(compute.submit(build).result(), compute)
+            compute.attach(engine).result()
+        except BaseException:
+            if own:
+                compute.stop()
+            raise
+        engine._own_compute = own
         return engine
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="ladle-engine", daemon=True)
-            self._thread.start()
+        """Run on a ComputeLoop of its own (an engine built on the caller's thread)."""
+        if self.compute is None:
+            self.compute, self._own_compute = ComputeLoop().start(), True
+            self.compute.attach(self).result()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        self.commands.put(None)  # wake the loop
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        compute, self.compute = self.compute, None
+        if compute is None:
+            return
+        if compute.is_running:
+            try:
+                compute.detach(self).result(timeout_s)
+            except TimeoutError:
+                log.warning("the compute loop did not detach the engine within %.0f s", timeout_s)
+        if self._own_compute:
+            compute.stop(timeout_s)
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self.compute is not None and self.compute.is_running
+
+    @property
+    def _thread(self) -> threading.Thread | None:
+        return self.compute.thread if self.compute is not None else None
+
+    def _put(self, command) -> None:
+        self.commands.put(command)
+        if self.compute is not None:
+            self.compute.wake()
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -133,7 +143,8 @@ class AsyncEngine:
         stream = self._open(request_id, prompt_token_ids, params)
         with self._lock:
             self._num_pending_adds += 1
-        self.commands.put(_Add(request_id, prompt_token_ids, params, priority, cache_salt))
+            self._pending_prompt_tokens += len(prompt_token_ids)
+        self._put(_Add(request_id, prompt_token_ids, params, priority, cache_salt))
         done = False
         try:
             while True:
@@ -150,7 +161,7 @@ class AsyncEngine:
             with self._lock:
                 self.streams.pop(request_id, None)
             if not done:
-                self.commands.put(_Abort(request_id))
+                self._put(_Abort(request_id))
 
     def _open(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> _Stream:
         if self.error is not None:
@@ -168,14 +179,14 @@ class AsyncEngine:
         self.engine.validate(prompt_token_ids, params)
 
     def abort(self, request_id: str) -> None:
-        self.commands.put(_Abort(request_id))
+        self._put(_Abort(request_id))
 
     async def call(self, fn: Callable[[EngineCore], object]):
         """Run fn(engine) on the loop thread between two steps and return its result: the way for
         a caller to reach the engine's state while the loop drives it."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self.commands.put(_Call(fn, loop, future))
+        self._put(_Call(fn, loop, future))
         return await future
 
     async def reset_prefix_cache(self) -> None:
@@ -185,7 +196,7 @@ class AsyncEngine:
         with self._lock:
             ids = list(self.streams)
         for request_id in ids:
-            self.commands.put(_Abort(request_id))
+            self._put(_Abort(request_id))
 
     @property
     def num_unfinished(self) -> int:
@@ -197,43 +208,56 @@ class AsyncEngine:
         """Requests not yet computing: queued here or in the scheduler (preempted ones included)."""
         return self._num_pending_adds + self.engine.scheduler.num_waiting
 
-    # -- the loop thread ---------------------------------------------------------------------------
+    def load(self) -> LoadSnapshot:
+        """The load as of the last step, with the requests queued since (any thread may call it)."""
+        snap = self.load_tracker.snapshot
+        with self._lock:
+            pending, tokens = self._num_pending_adds, self._pending_prompt_tokens
+        if not pending:
+            return snap
+        return dataclasses.replace(
+            snap, num_waiting=snap.num_waiting + pending, backlog_tokens=snap.backlog_tokens + tokens
+        )
 
-    def _run(self) -> None:
-        self.engine.claim("an AsyncEngine's loop thread")
-        try:
-            self._loop()
-        finally:
-            self.engine.release()
+    # -- on the ComputeLoop's thread ---------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            busy = self.engine.has_unfinished()
-            if not self._apply_commands(block=not busy):
-                continue
-            if not self.engine.has_unfinished():
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as e:  # a bug, not bad input: fail what is in flight, keep serving
-                log.exception("engine step failed")
-                self._fail_all(e)
-                continue
-            self._dispatch(outputs)
-
-    def _apply_commands(self, block: bool) -> bool:
-        """Apply queued adds and aborts; when idle, wait for one. False when woken to stop."""
-        try:
-            command = self.commands.get(timeout=0.5) if block else self.commands.get_nowait()
-        except queue.Empty:
-            return True
-        while command is not None:
-            self._apply(command)
+    def _poll(self) -> None:
+        """Apply the queued adds, aborts and calls."""
+        while True:
             try:
                 command = self.commands.get_nowait()
             except queue.Empty:
-                return True
-        return False
+                return
+            self._apply(command)
+
+    def _has_work(self) -> bool:
+        busy = self.engine.has_unfinished()
+        if not busy:
+            self.load_tracker.idle()
+        return busy
+
+    def _step(self) -> None:
+        stats = self.engine.stats
+        computed, finished = stats.num_computed_tokens, stats.num_finished
+        started = self.last_step_s = time.monotonic()
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # a bug, not bad input: fail what is in flight, keep serving
+            log.exception("engine step failed")
+            self._fail_all(e)
+            return
+        stats = self.engine.stats
+        self.load_tracker.observe_step(
+            started, time.monotonic(), stats.num_computed_tokens - computed, stats.num_finished - finished
+        )
+        self._publish_load()
+        self._dispatch(outputs)
+
+    def _publish_load(self) -> None:
+        scheduler = self.engine.scheduler
+        backlog = sum(r.num_prompt_tokens - r.num_computed_tokens for r in scheduler.waiting)
+        backlog += sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in scheduler.running)
+        self.load_tracker.publish(scheduler.num_running, scheduler.num_waiting, backlog)
 
     def _apply(self, command) -> None:
         if isinstance(command, _Abort):
@@ -245,6 +269,7 @@ class AsyncEngine:
         with self._lock:
             live = command.request_id in self.streams
             self._num_pending_adds -= 1
+            self._pending_prompt_tokens -= len(command.prompt_token_ids)
         if not live:  # the caller left before the request reached the engine
             return
         try:

@@ -39,6 +39,8 @@ class EngineInfo:
     block_size: int  # tokens per block
     attention_backend: str  # attention implementation in use
     quantization: str = "none"  # weight-only quantization of the decoder layers
+    weight_bytes: int = 0  # the model's parameters and buffers (draft model included)
+    kv_cache_bytes: int = 0  # the KV cache's tensors
 
     @property
     def weights_description(self) -> str:
@@ -65,6 +67,7 @@ class EngineStats:
     num_prompt_tokens: int = 0  # prompt tokens of admitted requests
     num_computed_tokens: int = 0  # tokens run through the model (prompts, recomputation, decodes)
     num_generated_tokens: int = 0
+    num_finished: int = 0  # requests (samples) finished, aborted ones included
     num_preemptions: int = 0
     prefix_queried_blocks: int = 0
     prefix_hit_blocks: int = 0
@@ -365,6 +368,7 @@ class EngineCore:
     def _finish(self, request: Request, reason: FinishReason, stop_reason=None) -> None:
         if request.status != RequestStatus.FINISHED:
             self.scheduler.remove(request)
+            self.stats.num_finished += 1
         request.status, request.finish_reason, request.stop_reason = RequestStatus.FINISHED, reason, stop_reason
         for child in self.pending_forks.pop(request.request_id, []):  # never forked: nobody to share with
             self.scheduler.add(child)

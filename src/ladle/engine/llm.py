@@ -10,7 +10,7 @@ import itertools
 import logging
 from collections.abc import Sequence
 
-from ladle.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+from ladle.config import EngineConfig
 from ladle.engine.core import EngineCore, EngineInfo
 from ladle.engine.outputs import GenerationResult
 from ladle.sample.params import SamplingParams
@@ -60,8 +60,15 @@ def build_engine(config: EngineConfig, loaded=None) -> EngineCore:
         block_size=bs,
         attention_backend=loaded.attention_backend,
         quantization=loaded.quantization,
+        weight_bytes=_tensor_bytes(loaded.model) + (_tensor_bytes(draft.model) if draft else 0),
+        kv_cache_bytes=blocks * bytes_per_block,
     )
     return EngineCore(config, runner, loaded.tokenizer, max_len, blocks, loaded.source.name, info)
+
+
+def _tensor_bytes(module) -> int:
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}  # shared ones once
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def load_draft(config: EngineConfig, target, max_len: int):
@@ -96,39 +103,18 @@ def load_draft(config: EngineConfig, target, max_len: int):
 
 
 class LLM:
-    """Offline batch generation: all prompts go in at once and are batched continuously."""
+    """Offline batch generation: all prompts go in at once and are batched continuously.
 
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        dtype: str = "auto",
-        device: str = "auto",
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        kv_cache_memory_gib: float | None = None,
-        enable_prefix_caching: bool = True,
-        max_num_batched_tokens: int = 2048,
-        max_num_seqs: int = 64,
-        policy: str = "fcfs",
-        seed: int = 0,
-        speculative: SpeculativeConfig | None = None,
-        config: EngineConfig | None = None,
-        loaded=None,
-    ):
-        self.config = config or EngineConfig(
-            model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len),
-            cache=CacheConfig(
-                block_size=block_size,
-                kv_cache_memory_gib=kv_cache_memory_gib,
-                enable_prefix_caching=enable_prefix_caching,
-            ),
-            scheduler=SchedulerConfig(
-                max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, policy=policy
-            ),
-            speculative=speculative or SpeculativeConfig(),
-            seed=seed,
-        )
+    Takes every engine option by its config field's name, with the config's defaults:
+    `LLM("model.gguf", quantization="w8a8", kv_cache_memory_gib=1, max_num_seqs=32)`, a
+    `speculative=SpeculativeConfig(...)`, or a whole `config=EngineConfig(...)`."""
+
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, loaded=None, **options):
+        from ladle.config_file import from_options
+
+        if config is not None and (options or model is not None):
+            raise TypeError("give config=EngineConfig(...) or options, not both")
+        self.config = config or from_options(EngineConfig, {"model": model, **options}, "LLM()")
         self.engine = build_engine(self.config, loaded)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

@@ -1,6 +1,6 @@
-"""Prometheus export: per-request latency histograms and token counters, and the engine's own
-counters and gauges read at scrape time. One registry per server, so two servers (or tests) in
-one process never share metrics."""
+"""Prometheus export: per-request latency histograms and token counters, and each engine's own
+counters and gauges read at scrape time, every series labelled by the model it measured. One
+registry per server, so two servers (or tests) in one process never share metrics."""
 
 from __future__ import annotations
 
@@ -78,18 +78,27 @@ REQUEST_BUCKETS = (
 
 
 class EngineCollector:
-    """Reads the engine's EngineStats when Prometheus scrapes."""
+    """Reads each loaded engine's EngineStats when Prometheus scrapes: one family per metric, one
+    sample per model (a family may appear only once in a registry)."""
 
-    def __init__(self, model_name: str, stats: Callable[[], object], block_size: int):
-        self.model_name = model_name
-        self.stats = stats
-        self.block_size = block_size
+    def __init__(self):
+        self.engines: dict[str, tuple[Callable[[], object], int]] = {}  # model -> (stats, block size)
 
     def collect(self):
-        s = self.stats()
-        if s is None:
-            return
-        label = [self.model_name]
+        families: dict[str, object] = {}
+        for model_name, (stats, block_size) in list(self.engines.items()):
+            s = stats()
+            if s is None:
+                continue
+            for kind, name, doc, value in self._samples(s, block_size):
+                if name not in families:
+                    family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+                    families[name] = family(name, doc, labels=["model_name"])
+                families[name].add_metric([model_name], value)
+        yield from families.values()
+
+    @staticmethod
+    def _samples(s, block_size: int):
         for name, doc, value in (
             ("ladle_num_requests_running", "Requests computing now.", s.num_running),
             ("ladle_num_requests_waiting", "Requests queued (preempted ones included).", s.num_waiting),
@@ -105,20 +114,18 @@ class EngineCollector:
                 s.spec_mean_accepted_length,
             ),
         ):
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric(label, value)
-            yield g
+            yield "gauge", name, doc, value
         for name, doc, value in (
             ("ladle_num_preemptions", "Requests preempted (blocks freed, recomputed later).", s.num_preemptions),
             (
                 "ladle_prefix_cache_queries",
                 "Prompt tokens looked up in the prefix cache.",
-                s.prefix_queried_blocks * self.block_size,
+                s.prefix_queried_blocks * block_size,
             ),
             (
                 "ladle_prefix_cache_hits",
                 "Prompt tokens found in the prefix cache.",
-                s.prefix_hit_blocks * self.block_size,
+                s.prefix_hit_blocks * block_size,
             ),
             (
                 "ladle_computed_tokens",
@@ -137,15 +144,14 @@ class EngineCollector:
                 s.spec_num_accepted_tokens,
             ),
         ):
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
-            c.add_metric(label, value)
-            yield c
+            yield "counter", name, doc, value
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str):
-        self.model_name = model_name
+    def __init__(self):
         self.registry = CollectorRegistry(auto_describe=True)
+        self._engines = EngineCollector()
+        self.registry.register(self._engines)
         labels = ["model_name"]
         r = self.registry
         self.ttft = Histogram(
@@ -195,12 +201,23 @@ class ServerMetrics:
             "ladle_http_requests", "HTTP responses by route and status.", labels + ["route", "status"], registry=r
         )
 
-    def attach_engine(self, stats: Callable[[], object], block_size: int) -> None:
-        self.registry.register(EngineCollector(self.model_name, stats, block_size))
+        self.outcomes = Counter(
+            "ladle_router_requests",
+            "Requests by the model asked for and what became of them: served, degraded (to a smaller model), "
+            "fell_back (to an upstream), rejected (429), timed_out (in the queue), failed (model unavailable).",
+            labels + ["outcome"],
+            registry=r,
+        )
 
-    def observe_sample(self, metrics, num_output_tokens: int, finish_reason: str) -> None:
-        """One finished sample (RequestMetrics from the engine's final delta)."""
-        m = self.model_name
+    def attach_engine(self, model_name: str, stats: Callable[[], object], block_size: int) -> None:
+        """Export this model's engine stats from now on (until detach_engine)."""
+        self._engines.engines[model_name] = (stats, block_size)
+
+    def detach_engine(self, model_name: str) -> None:
+        self._engines.engines.pop(model_name, None)
+
+    def observe_sample(self, m: str, metrics, num_output_tokens: int, finish_reason: str) -> None:
+        """One finished sample of model m (RequestMetrics from the engine's final delta)."""
         if metrics is not None:
             if metrics.first_scheduled_s is not None:
                 self.queue.labels(m).observe(metrics.first_scheduled_s - metrics.arrival_s)
@@ -211,11 +228,14 @@ class ServerMetrics:
             self.e2e.labels(m).observe(metrics.finished_s - metrics.arrival_s)
         self.finished.labels(m, finish_reason).inc()
 
-    def observe_usage(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> None:
-        m = self.model_name
+    def observe_usage(self, m: str, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens.labels(m).inc(prompt_tokens)
         self.cached_tokens.labels(m).inc(cached_tokens)
         self.generation_tokens.labels(m).inc(completion_tokens)
 
-    def observe_http(self, route: str, status: int) -> None:
-        self.http.labels(self.model_name, route, str(status)).inc()
+    def observe_http(self, model_name: str, route: str, status: int) -> None:
+        """One HTTP response; model_name is the model the request reached ("" where none)."""
+        self.http.labels(model_name, route, str(status)).inc()
+
+    def observe_outcome(self, model_name: str, outcome: str) -> None:
+        self.outcomes.labels(model_name, outcome).inc()

@@ -15,9 +15,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ladle.server import openai_api
+from ladle.server import admin, openai_api
 from ladle.server.errors import APIError, BodyTooLarge, ClientDisconnected
-from ladle.server.state import Phase, ServerState
+from ladle.server.state import ServerPhase, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,12 @@ async def health(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
+    """200 once the models declared for the start are ready (or failed, if another is ready)."""
     state: ServerState = request.app.state.ladle
-    if state.phase == Phase.READY:
-        return JSONResponse({"status": "ready", "model": state.model_name})
-    body = {"status": state.phase.value}
+    models = {name: e.status().phase.value for name, e in state.registry.endpoints.items()}
+    body = {"status": state.phase.value, "models": models}
+    if state.phase == ServerPhase.READY:
+        return JSONResponse({**body, "model": state.registry.default_name})
     if state.failure:
         body["error"] = state.failure
     return JSONResponse(body, status_code=503)
@@ -54,8 +56,12 @@ ROUTES = [
     Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
     Route("/tokenize", openai_api.tokenize, methods=["POST"]),
     Route("/detokenize", openai_api.detokenize, methods=["POST"]),
+    Route("/admin/models", admin.list_models, methods=["GET"]),
+    Route("/admin/models", admin.add_model, methods=["POST"]),
+    Route("/admin/models/{name:path}", admin.remove_model, methods=["DELETE"]),
 ]
 ROUTE_PATHS = {r.path for r in ROUTES}
+ADMIN_PREFIX = "/admin/"
 
 
 async def _api_error(request: Request, exc: APIError) -> Response:
@@ -81,6 +87,24 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
 
 
+def _matches(token: str, keys) -> bool:
+    return any(hmac.compare_digest(token, key) for key in keys)
+
+
+def _admin_refusal(cfg, token: str) -> Response | None:
+    """The admin API takes admin keys only: none given is 401, a user's key 403."""
+    if not cfg.admin_keys:
+        message = "the admin API is off: start the server with --admin-key KEY"
+        return APIError(403, message, code="admin_disabled").response()
+    if _matches(token, cfg.admin_keys):
+        return None
+    if not token:
+        return APIError(
+            401, "the admin API needs an admin key: send it as 'Authorization: Bearer KEY'", code="invalid_api_key"
+        ).response()
+    return APIError(403, "this key may not use the admin API: it needs an admin key", code="forbidden").response()
+
+
 class LadleMiddleware:
     """Pure ASGI (no buffering of streamed responses): request id in and out, the body size limit,
     API keys, and a status counter per route."""
@@ -97,7 +121,7 @@ class LadleMiddleware:
         request_id = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         path = scope.get("path", "")
-        route = path if path in ROUTE_PATHS else "other"
+        route = path if path in ROUTE_PATHS else "/admin/models/{name}" if path.startswith(ADMIN_PREFIX) else "other"
         status_box = [0]
 
         async def send_with_id(message):
@@ -112,7 +136,8 @@ class LadleMiddleware:
                 return await early(scope, receive, send_with_id)
             await self.app(scope, self._limited(receive, headers), send_with_id)
         finally:
-            self.state.metrics.observe_http(route, status_box[0] or 499)
+            model = scope["state"].get("model", "")  # set by the handler once it knows the model
+            self.state.metrics.observe_http(model, route, status_box[0] or 499)
 
     def _reject_early(self, scope, headers, path) -> Response | None:
         cfg = self.state.config.server
@@ -121,10 +146,12 @@ class LadleMiddleware:
             return APIError(
                 413, f"the request body is larger than {cfg.max_request_bytes} bytes", code="request_too_large"
             ).response()
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        token = auth[7:] if auth.lower().startswith("bearer ") else ""
+        if path.startswith(ADMIN_PREFIX):
+            return _admin_refusal(cfg, token)
         if cfg.api_keys and path not in PUBLIC_PATHS:
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            token = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not any(hmac.compare_digest(token, key) for key in cfg.api_keys):
+            if not _matches(token, cfg.api_keys):
                 what = "no API key was given" if not token else "the API key is not valid"
                 return APIError(
                     401,

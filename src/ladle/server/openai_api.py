@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ladle.engine.outputs import RequestOutput
 from ladle.errors import InvalidRequestError, LadleError
+from ladle.router.router import Route
 from ladle.sample.params import SamplingParams
 from ladle.server.errors import APIError, ClientDisconnected, from_ladle_error, from_validation_error
 from ladle.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -86,8 +87,10 @@ class Usage:
 class Generation:
     """The engine jobs of one HTTP request, merged into one stream of (choice index, delta)."""
 
-    def __init__(self, state: ServerState, jobs: list[Job], n: int):
+    def __init__(self, state: ServerState, route: Route, jobs: list[Job], n: int):
         self.state = state
+        self.route = route
+        self.model = route.name  # the model that answers, for metrics and the response
         self.jobs = jobs
         self.n = n
         self.usage = Usage(prompt_tokens=sum(len(j.prompt_ids) for j in jobs))
@@ -127,30 +130,36 @@ class Generation:
 
     async def _job(self, i: int):
         job = self.jobs[i]
-        engine = self.state.engine
+        endpoint = self.route.endpoint
+        metrics = self.state.metrics
         last = time.monotonic()
         num_finished = 0
         try:
-            async for out in engine.generate(job.engine_id, job.prompt_ids, job.params, job.priority, job.cache_salt):
+            async for out in endpoint.generate(job.engine_id, job.prompt_ids, job.params, job.priority, job.cache_salt):
                 now = time.monotonic()
                 if out.new_token_ids and out.num_output_tokens > len(out.new_token_ids):
-                    self.state.metrics.itl.labels(self.state.model_name).observe(now - last)
+                    metrics.itl.labels(self.model).observe(now - last)
                 last = now
                 self.usage.completion_tokens += len(out.new_token_ids)
                 if out.index == 0:
                     self._cached[i] = out.num_cached_tokens
                 if out.finished:
                     num_finished += 1
-                    self.state.metrics.observe_sample(out.metrics, out.num_output_tokens, out.finish_reason)
+                    metrics.observe_sample(self.model, out.metrics, out.num_output_tokens, out.finish_reason)
                 yield i * self.n + out.index, out
         finally:
             for _ in range(job.params.n - num_finished):  # the client left: its samples were aborted
-                self.state.metrics.observe_sample(None, 0, "abort")
+                metrics.observe_sample(self.model, None, 0, "abort")
 
     def finish(self) -> None:
         self.usage.cached_tokens = sum(self._cached.values())
         u = self.usage
-        self.state.metrics.observe_usage(u.prompt_tokens, u.cached_tokens, u.completion_tokens)
+        self.state.metrics.observe_usage(self.model, u.prompt_tokens, u.cached_tokens, u.completion_tokens)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What answered and why (the response's `model` says the same)."""
+        return {"X-Ladle-Routed-To": self.route.name, "X-Ladle-Route-Reason": self.route.reason}
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -192,12 +201,12 @@ def _apply(choice: Choice, out: RequestOutput) -> None:
         choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
 
 
-def _jobs(state: ServerState, prompts: list[list[int]], params: SamplingParams, body) -> list[Job]:
+def _jobs(endpoint, prompts: list[list[int]], params: SamplingParams, body) -> list[Job]:
     jobs = []
     for ids in prompts:
         job = Job(f"{uuid.uuid4().hex}", ids, params, body.priority, body.cache_salt)
         try:
-            state.engine.validate(ids, params)
+            endpoint.validate(ids, params)
         except LadleError as e:
             raise from_ladle_error(e) from None
         jobs.append(job)
@@ -211,15 +220,22 @@ def _sampling(body, max_tokens, logprobs) -> SamplingParams:
         raise from_ladle_error(e) from None
 
 
-def _prepare(request: Request, body) -> ServerState:
+async def _prepare(request: Request, body):
+    """The server state and the endpoint the request's model name reaches."""
     state = _state(request)
-    state.check_serving()
-    state.check_model(body.model)
     problem = body.unsupported()
     if problem:
         param, message = problem
         raise APIError(400, message, param=param, code="unsupported")
-    return state
+    endpoint = await state.resolve(body.model)
+    request.scope["state"]["model"] = endpoint.name  # for the HTTP metrics
+    return state, endpoint
+
+
+def _admit(request: Request, state: ServerState, endpoint, body, jobs: list[Job]) -> Route:
+    route = state.admit(endpoint, body.model, sum(len(j.prompt_ids) for j in jobs))
+    request.scope["state"]["model"] = route.name
+    return route
 
 
 # -- /v1/completions ------------------------------------------------------------------------------
@@ -227,22 +243,22 @@ def _prepare(request: Request, body) -> ServerState:
 
 async def completions(request: Request) -> Response:
     body: CompletionRequest = await parse_body(request, CompletionRequest)
-    state = _prepare(request, body)
-    tok = state.tokenizer
+    state, endpoint = await _prepare(request, body)
+    tok = endpoint.tokenizer
     prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
     params = _sampling(body, body.max_tokens, body.logprobs)
-    jobs = _jobs(state, prompts, params, body)
-    state.admit()
+    jobs = _jobs(endpoint, prompts, params, body)
+    route = _admit(request, state, endpoint, body, jobs)
     rid = f"cmpl-{request.state.request_id}"
     created = int(time.time())
-    gen = Generation(state, jobs, body.n)
+    gen = Generation(state, route, jobs, body.n)
     echo = [tok.decode(ids, skip_special_tokens=False) if body.echo else "" for ids in prompts]
     num_choices = len(jobs) * body.n
     if body.stream:
         return StreamingResponse(
-            _completion_stream(gen, rid, created, state.model_name, echo, body.include_usage, tok),
+            _completion_stream(gen, rid, created, gen.model, echo, body.include_usage, tok),
             media_type="text/event-stream",
-            headers=SSE_HEADERS,
+            headers={**SSE_HEADERS, **gen.headers},
         )
     choices = await collect(request, gen, num_choices)
     return JSONResponse(
@@ -250,7 +266,7 @@ async def completions(request: Request) -> Response:
             "id": rid,
             "object": "text_completion",
             "created": created,
-            "model": state.model_name,
+            "model": gen.model,
             "choices": [
                 {
                     "index": c.index,
@@ -262,7 +278,8 @@ async def completions(request: Request) -> Response:
                 for c in choices
             ],
             "usage": gen.usage.as_dict(),
-        }
+        },
+        headers=gen.headers,
     )
 
 
@@ -336,8 +353,8 @@ def _completion_logprobs(tok, items, text_offset: int) -> dict:
 
 async def chat_completions(request: Request) -> Response:
     body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
-    state = _prepare(request, body)
-    tok = state.tokenizer
+    state, endpoint = await _prepare(request, body)
+    tok = endpoint.tokenizer
     try:
         messages = [m.as_template_dict() for m in body.messages]
         prompt = tok.encode_chat(
@@ -346,16 +363,16 @@ async def chat_completions(request: Request) -> Response:
     except InvalidRequestError as e:
         raise from_ladle_error(e) from None
     params = _sampling(body, body.output_limit, body.logprobs_count)
-    jobs = _jobs(state, [prompt], params, body)
-    state.admit()
+    jobs = _jobs(endpoint, [prompt], params, body)
+    route = _admit(request, state, endpoint, body, jobs)
     rid = f"chatcmpl-{request.state.request_id}"
     created = int(time.time())
-    gen = Generation(state, jobs, body.n)
+    gen = Generation(state, route, jobs, body.n)
     if body.stream:
         return StreamingResponse(
-            _chat_stream(gen, rid, created, state.model_name, body.include_usage, tok),
+            _chat_stream(gen, rid, created, gen.model, body.include_usage, tok),
             media_type="text/event-stream",
-            headers=SSE_HEADERS,
+            headers={**SSE_HEADERS, **gen.headers},
         )
     choices = await collect(request, gen, body.n)
     return JSONResponse(
@@ -363,7 +380,7 @@ async def chat_completions(request: Request) -> Response:
             "id": rid,
             "object": "chat.completion",
             "created": created,
-            "model": state.model_name,
+            "model": gen.model,
             "choices": [
                 {
                     "index": c.index,
@@ -375,7 +392,8 @@ async def chat_completions(request: Request) -> Response:
                 for c in choices
             ],
             "usage": gen.usage.as_dict(),
-        }
+        },
+        headers=gen.headers,
     )
 
 
@@ -441,27 +459,32 @@ def _chat_logprobs(tok, items) -> list[dict]:
 
 
 async def list_models(request: Request) -> Response:
+    """Every model with its state: loading, ready, unloaded (loads on demand), failed (and why)."""
     state = _state(request)
-    info = state.info
-    data = [
-        {
-            "id": state.model_name,
+    data = []
+    for endpoint in state.registry.endpoints.values():
+        status = endpoint.status()
+        info = endpoint.info
+        entry = {
+            "id": endpoint.name,
             "object": "model",
-            "created": int(state.started_s),
+            "created": int(status.ready_since_s or state.started_s),
             "owned_by": "ladle",
-            "root": state.model_name,
+            "root": endpoint.name,
+            "aliases": list(endpoint.entry.aliases),
+            "state": status.phase.value,
             "max_model_len": info.max_model_len if info else None,
         }
-    ]
+        if status.failure:
+            entry["error"] = status.failure
+        data.append(entry)
     return JSONResponse({"object": "list", "data": data})
 
 
 async def tokenize(request: Request) -> Response:
     body: TokenizeRequest = await parse_body(request, TokenizeRequest)
-    state = _state(request)
-    state.check_serving()
-    state.check_model(body.model)
-    tok = state.tokenizer
+    endpoint = await _state(request).resolve(body.model)
+    tok = endpoint.tokenizer
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt or messages", param="prompt")
     try:
@@ -473,16 +496,14 @@ async def tokenize(request: Request) -> Response:
             )
     except InvalidRequestError as e:
         raise from_ladle_error(e) from None
-    return JSONResponse({"count": len(ids), "max_model_len": state.info.max_model_len, "tokens": ids})
+    return JSONResponse({"count": len(ids), "max_model_len": endpoint.max_model_len, "tokens": ids})
 
 
 async def detokenize(request: Request) -> Response:
     body: DetokenizeRequest = await parse_body(request, DetokenizeRequest)
-    state = _state(request)
-    state.check_serving()
-    state.check_model(body.model)
+    endpoint = await _state(request).resolve(body.model)
     try:
-        state.tokenizer.validate_ids(body.tokens, param="tokens")
+        endpoint.tokenizer.validate_ids(body.tokens, param="tokens")
     except InvalidRequestError as e:
         raise from_ladle_error(e) from None
-    return JSONResponse({"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)})
+    return JSONResponse({"prompt": endpoint.tokenizer.decode(body.tokens, skip_special_tokens=False)})

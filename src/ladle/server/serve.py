@@ -1,7 +1,8 @@
-"""Running the server: uvicorn with the engine loading beside it, warm-up, and a graceful drain.
+"""Running the server: uvicorn with the models loading beside it, and a graceful drain.
 
-The HTTP server starts first, so /health answers while the model loads; /ready turns 200 once the
-model is loaded and warmed up. On SIGTERM /ready turns 503 and new requests get 503, requests in
+The HTTP server starts first, so /health answers while the models load (a request for a model
+still loading waits for it); /ready turns 200 once the models declared for the start are loaded
+and warmed up. On SIGTERM /ready turns 503 and new requests get 503, requests in
 flight run on for up to --drain-timeout seconds, the rest are aborted (finish reason "abort"),
 and the process exits 0. A second signal, or SIGINT, drains without waiting.
 """
@@ -13,20 +14,19 @@ import contextlib
 import logging
 import signal
 import sys
-import time
 
 import uvicorn
 
 from ladle.config import LadleConfig
-from ladle.errors import LadleError
+from ladle.engine.compute import ComputeLoop
 from ladle.metering.prometheus import ServerMetrics
+from ladle.router.endpoint import Phase
+from ladle.router.registry import Registry
+from ladle.router.router import Router
 from ladle.server.app import build_app
-from ladle.server.state import Phase, ServerState
+from ladle.server.state import ServerPhase, ServerState
 
 log = logging.getLogger("ladle.server")
-
-WARMUP_PROMPT_LENGTHS = (8, 200)  # a short and a longer prefill, then a few decode steps each
-WARMUP_OUTPUT_TOKENS = 4
 
 
 class DrainingServer(uvicorn.Server):
@@ -52,19 +52,11 @@ class DrainingServer(uvicorn.Server):
 
     async def drain(self, timeout_s: float) -> None:
         state = self.ladle
-        if state.phase != Phase.FAILED:
-            state.phase = Phase.DRAINING
-        engine = state.engine
-        log.info("draining: %d requests in flight, up to %.0f s", engine.num_unfinished if engine else 0, timeout_s)
-        deadline = time.monotonic() + timeout_s
-        while engine is not None and engine.num_unfinished and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if engine is not None and engine.num_unfinished:
-            log.info("aborting %d requests still running after the drain timeout", engine.num_unfinished)
-            engine.abort_all()
-            stop_at = time.monotonic() + 5
-            while engine.num_unfinished and time.monotonic() < stop_at:
-                await asyncio.sleep(0.02)
+        if state.phase != ServerPhase.FAILED:
+            state.phase = ServerPhase.DRAINING
+        registry = state.registry
+        log.info("draining: %d requests in flight, up to %.0f s", registry.num_unfinished, timeout_s)
+        await registry.drain_all(timeout_s)
         await asyncio.sleep(0.1)  # let the last responses flush
         self.should_exit = True
 
@@ -76,86 +68,77 @@ class DrainingServer(uvicorn.Server):
 def make_lifespan(state: ServerState, server_ref: list):
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        task = asyncio.create_task(_load_and_warm(state, server_ref))
+        task = asyncio.create_task(_start_models(state, server_ref))
         try:
             yield
         finally:
             task.cancel()
-            if state.engine is not None:
-                state.engine.shutdown()
+            await state.registry.close()
+            state.registry.compute.stop()
 
     return lifespan
 
 
-async def _load_and_warm(state: ServerState, server_ref: list) -> None:
-    cfg = state.config
+async def _start_models(state: ServerState, server_ref: list) -> None:
+    """Load the models declared for the start; the server is ready once they are. If none of them
+    could load, say why and exit (2 for a user error such as a corrupt file)."""
+    registry = state.registry
     try:
-        engine = await asyncio.to_thread(_build_async_engine, cfg)
-    except LadleError as e:
-        _fail(state, server_ref, str(e), 2)
-        return
-    except Exception as e:  # a bug: say so with the traceback
-        log.exception("loading the model failed")
+        await registry.start()
+    except Exception as e:  # a bug: fail loudly rather than never turning ready
+        log.exception("starting the models failed")
         _fail(state, server_ref, f"{type(e).__name__}: {e}", 1)
         return
-    state.engine = engine
-    state.metrics.attach_engine(lambda: engine.engine.stats, engine.engine.info.block_size)
-    if state.phase == Phase.LOADING:
-        state.phase = Phase.WARMING
-    if cfg.server.warmup:
-        await _warm_up(engine)
-    if state.phase == Phase.WARMING:
-        state.phase = Phase.READY
-        info = engine.engine.info
-        url = f"http://{cfg.server.host}:{cfg.server.port}"
-        print(
-            f"ladle: serving {info.model_name} ({info.weights_description} on {info.device}, "
-            f"{info.attention_backend} attention, "
-            f"KV cache {info.kv_capacity_tokens} tokens, context {info.max_model_len}) at {url}",
-            file=sys.stderr,
-            flush=True,
+    starting = [e for e in registry.endpoints.values() if e.entry.load_at_start]
+    failed = [e for e in starting if e.phase == Phase.FAILED]
+    if starting and len(failed) == len(starting):
+        message = (
+            "; ".join(e.failure for e in failed)
+            if len(failed) == 1
+            else "; ".join(f"{e.name}: {e.failure}" for e in failed)
         )
-
-
-def _build_async_engine(cfg: LadleConfig):
-    from ladle.engine.async_engine import AsyncEngine
-    from ladle.engine.llm import build_engine
-
-    return AsyncEngine.launch(lambda: build_engine(cfg.engine))  # all tensor work on the engine's thread
-
-
-async def _warm_up(engine) -> None:
-    """Real forward passes of the shapes serving will see: prefills of two lengths and decodes."""
-    from ladle.sample.params import SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=WARMUP_OUTPUT_TOKENS, ignore_eos=True)
-    vocab = engine.engine.tokenizer.vocab_size
-
-    async def one(i, length):
-        ids = [(7 + 13 * j) % vocab for j in range(min(length, engine.engine.max_model_len - WARMUP_OUTPUT_TOKENS))]
-        async for _ in engine.generate(f"warmup-{i}", ids, params):
-            pass
-
-    started = time.monotonic()
-    await asyncio.gather(*(one(i, n) for i, n in enumerate(WARMUP_PROMPT_LENGTHS)))
-    await engine.reset_prefix_cache()
-    log.info("warm-up done in %.1f s", time.monotonic() - started)
+        _fail(state, server_ref, message, 1 if any(e.failed_by_bug for e in failed) else 2)
+        return
+    if state.phase == ServerPhase.LOADING:
+        state.phase = ServerPhase.READY
+        url = f"http://{state.config.server.host}:{state.config.server.port}"
+        for e in starting:
+            if e.phase == Phase.READY:
+                info = e.info
+                print(
+                    f"ladle: serving {info.model_name} ({info.weights_description} on {info.device}, "
+                    f"{info.attention_backend} attention, "
+                    f"KV cache {info.kv_capacity_tokens} tokens, context {info.max_model_len}) at {url}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            else:
+                print(f"ladle: model {e.name} failed to load: {e.failure}", file=sys.stderr, flush=True)
 
 
 def _fail(state: ServerState, server_ref: list, message: str, code: int) -> None:
-    state.phase, state.failure, state.exit_code = Phase.FAILED, message, code
+    state.phase, state.failure, state.exit_code = ServerPhase.FAILED, message, code
     print(f"ladle: error: {message}", file=sys.stderr, flush=True)
     if server_ref:
         server_ref[0].should_exit = True
 
 
-def create_state(cfg: LadleConfig, model_name: str) -> ServerState:
-    return ServerState(config=cfg, model_name=model_name, metrics=ServerMetrics(model_name))
+def create_state(cfg: LadleConfig) -> ServerState:
+    metrics = ServerMetrics()
+    compute = ComputeLoop().start()
+
+    def loaded(endpoint) -> None:
+        metrics.attach_engine(endpoint.name, lambda: endpoint.stats, endpoint.info.block_size)
+
+    registry = Registry(
+        cfg, compute, warmup=cfg.server.warmup, on_loaded=loaded, on_unloaded=lambda e: metrics.detach_engine(e.name)
+    )
+    return ServerState(config=cfg, metrics=metrics, registry=registry, router=Router(cfg, registry))
 
 
-def run(cfg: LadleConfig, model_name: str, log_level: str = "info") -> int:
+def run(cfg: LadleConfig, log_level: str = "info") -> int:
     """Serve until drained; returns the process exit code."""
-    state = create_state(cfg, model_name)
+    state = create_state(cfg)
     server_ref: list = []
     app = build_app(state, lifespan=make_lifespan(state, server_ref))
     uv_config = uvicorn.Config(

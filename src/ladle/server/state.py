@@ -1,4 +1,5 @@
-"""What the HTTP layer knows of the running server: the engine (once loaded), its phase, metrics."""
+"""What the HTTP layer knows of the running server: the registry of models and the router, the
+server's phase, its metrics. Handlers reach models only through the router."""
 
 from __future__ import annotations
 
@@ -8,78 +9,61 @@ from dataclasses import dataclass, field
 
 from ladle.config import LadleConfig
 from ladle.metering.prometheus import ServerMetrics
+from ladle.router.registry import ModelNotFound, ModelUnavailable, Registry
+from ladle.router.router import Overloaded, Route, Router
 from ladle.server.errors import APIError
 
 
-class Phase(enum.Enum):
-    LOADING = "loading"  # the model is loading
-    WARMING = "warming"  # loaded, running its warm-up passes
+class ServerPhase(enum.Enum):
+    LOADING = "loading"  # the models declared for the start are loading
     READY = "ready"  # serving
     DRAINING = "draining"  # shutting down: in-flight requests finish, new ones get 503
-    FAILED = "failed"  # loading failed; the process is exiting
+    FAILED = "failed"  # no model could load; the process is exiting
 
 
 @dataclass
 class ServerState:
     config: LadleConfig
-    model_name: str  # the name requests address the model by
     metrics: ServerMetrics
-    engine: object | None = None  # AsyncEngine, once loaded
-    phase: Phase = Phase.LOADING
-    failure: str | None = None  # why loading failed
+    registry: Registry
+    router: Router
+    phase: ServerPhase = ServerPhase.LOADING
+    failure: str | None = None  # why the server could not start
     started_s: float = field(default_factory=time.time)
     exit_code: int = 0
 
-    @property
-    def info(self):
-        return self.engine.engine.info if self.engine is not None else None
-
-    @property
-    def tokenizer(self):
-        return self.engine.engine.tokenizer
-
     def check_serving(self) -> None:
-        """503 unless requests can be served now."""
-        if self.phase == Phase.READY:
-            return
-        if self.phase == Phase.DRAINING:
+        """503 while the server drains (requests for a model still loading wait for it)."""
+        if self.phase == ServerPhase.DRAINING:
             raise APIError(
                 503,
                 "the server is shutting down and takes no new requests",
                 code="draining",
                 headers={"Retry-After": "5", "Connection": "close"},
             )
-        if self.phase == Phase.FAILED:
-            raise APIError(503, f"the model failed to load: {self.failure}", code="model_load_failed")
-        raise APIError(
-            503,
-            f"the model is {self.phase.value}; retry when /ready answers 200",
-            code="not_ready",
-            headers={"Retry-After": "2"},
-        )
+        if self.phase == ServerPhase.FAILED:
+            raise APIError(503, f"the server failed to start: {self.failure}", code="model_load_failed")
 
-    def check_model(self, requested: str | None) -> None:
-        if requested is not None and requested not in self.served_names:
+    async def resolve(self, requested: str | None):
+        """The ready endpoint a model name reaches; the registry's refusals as the API's errors."""
+        self.check_serving()
+        try:
+            return await self.router.resolve(requested)
+        except ModelNotFound as e:
+            raise APIError(404, str(e), param="model", code="model_not_found") from None
+        except ModelUnavailable as e:
+            self.metrics.observe_outcome(e.name, "failed")
+            headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None
+            raise APIError(503, str(e), code=e.code, headers=headers) from None
+
+    def admit(self, endpoint, requested: str | None, prompt_tokens: int) -> Route:
+        """The router's admission; a refusal is a 429 with Retry-After. Every outcome is counted."""
+        try:
+            route = self.router.admit(endpoint, requested, prompt_tokens)
+        except Overloaded as e:
+            self.metrics.observe_outcome(e.name, "rejected")
             raise APIError(
-                404,
-                f"The model `{requested}` does not exist. This server serves `{self.model_name}`.",
-                param="model",
-                code="model_not_found",
-            )
-
-    @property
-    def served_names(self) -> set[str]:
-        return {self.model_name}
-
-    def admit(self) -> None:
-        """429 when the queue of waiting requests is full."""
-        waiting = self.engine.num_waiting
-        limit = self.config.server.max_waiting_requests
-        if waiting >= limit:
-            raise APIError(
-                429,
-                f"the server is overloaded: {waiting} requests are already waiting (limit {limit}); "
-                "retry after the delay given in Retry-After",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": "1"},
-            )
+                429, str(e), code="rate_limit_exceeded", headers={"Retry-After": str(e.retry_after_s)}
+            ) from None
+        self.metrics.observe_outcome(endpoint.name, route.outcome)
+        return route

@@ -1,0 +1,109 @@
+"""What an engine's queue holds and what its steps cost, measured as it runs: the numbers the
+router predicts a new request's TTFT and TPOT from, and computes Retry-After from.
+
+A step's time is fitted as `base + per_token * tokens` (exponentially weighted least squares over
+recent steps, so it follows the machine's load); the time between two steps of the same engine,
+over its own step time, says how much other engines on the same ComputeLoop take (1 alone).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DECAY = 0.97  # weight of the past at each new step (about the last 30 steps count)
+
+
+@dataclass(frozen=True)
+class LoadSnapshot:
+    """An engine's load as of its last step; immutable, so any thread may read it."""
+
+    num_running: int = 0  # requests computing
+    num_waiting: int = 0  # requests queued (in the scheduler, or on their way to it)
+    backlog_tokens: int = 0  # prompt tokens not computed yet, of waiting and partly prefilled requests
+    max_num_batched_tokens: int = 2048  # the engine's token budget per step
+    max_num_seqs: int = 64  # requests it runs at once
+    step_base_s: float | None = None  # fitted step time at zero tokens; None before any step
+    step_per_token_s: float = 0.0  # fitted step time per computed token
+    period_ratio: float = 1.0  # time between this engine's steps over its own step time
+    finished_per_s: float = 0.0  # requests finishing per second while busy
+
+    @property
+    def is_measured(self) -> bool:
+        return self.step_base_s is not None
+
+    def step_s(self, tokens: int) -> float:
+        """Wall time of one of this engine's steps computing `tokens`, others' steps included."""
+        return ((self.step_base_s or 0.0) + self.step_per_token_s * tokens) * self.period_ratio
+
+    @property
+    def prefill_tokens_per_step(self) -> int:
+        return max(1, self.max_num_batched_tokens - self.num_running)
+
+    def predict_ttft_s(self, prompt_tokens: int) -> float:
+        """A new request's time to first token: the prompt tokens ahead of it and its own, at the
+        budget left beside the running decodes, plus the wait for a free slot if all are taken."""
+        tokens = self.backlog_tokens + prompt_tokens
+        steps = max(1, math.ceil(tokens / self.prefill_tokens_per_step))
+        per_step = min(self.max_num_batched_tokens, self.num_running + math.ceil(tokens / steps))
+        prefill_s = steps * self.step_s(per_step)
+        ahead = self.num_waiting + self.num_running + 1 - self.max_num_seqs  # requests before a slot frees
+        slot_s = ahead / self.finished_per_s if ahead > 0 and self.finished_per_s > 0 else 0.0
+        return prefill_s + slot_s
+
+    def predict_tpot_s(self) -> float:
+        """Time per output token once one more request decodes beside the running ones."""
+        return self.step_s(min(self.num_running + 1, self.max_num_seqs))
+
+    @property
+    def drain_tokens_per_s(self) -> float:
+        """Prompt tokens of the backlog computed per second."""
+        step = self.step_s(self.max_num_batched_tokens)
+        return self.prefill_tokens_per_step / step if step > 0 else 0.0
+
+
+class LoadTracker:
+    """Fits step times as the engine runs (on the loop thread) and publishes LoadSnapshots."""
+
+    def __init__(self, max_num_batched_tokens: int, max_num_seqs: int):
+        self._budget, self._seqs = max_num_batched_tokens, max_num_seqs
+        self._s = [0.0] * 5  # weighted sums: n, x, y, xx, xy (x tokens, y seconds)
+        self._ratio = 1.0
+        self._finished_per_s = 0.0
+        self._last_start_s: float | None = None
+        self._last_duration_s = 0.0
+        self.snapshot = LoadSnapshot(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
+
+    def observe_step(self, started_s: float, ended_s: float, tokens: int, num_finished: int) -> None:
+        duration = max(ended_s - started_s, 1e-6)
+        n, sx, sy, sxx, sxy = (v * DECAY for v in self._s)
+        self._s = [n + 1, sx + tokens, sy + duration, sxx + tokens * tokens, sxy + tokens * duration]
+        if self._last_start_s is not None:  # busy since the last step: the gap shows the others' steps
+            period = started_s - self._last_start_s
+            ratio = max(1.0, period / max(self._last_duration_s, 1e-6))
+            self._ratio = DECAY * self._ratio + (1 - DECAY) * ratio
+            rate = num_finished / max(period, 1e-6)
+            self._finished_per_s = DECAY * self._finished_per_s + (1 - DECAY) * rate
+        self._last_start_s, self._last_duration_s = started_s, duration
+
+    def idle(self) -> None:
+        """The engine has nothing to do: the next step's gap is not a period."""
+        self._last_start_s = None
+
+    def publish(self, num_running: int, num_waiting: int, backlog_tokens: int) -> LoadSnapshot:
+        base, per_token = self._fit()
+        self.snapshot = LoadSnapshot(
+            num_running, num_waiting, backlog_tokens, self._budget, self._seqs, base, per_token,
+            self._ratio, self._finished_per_s,
+        )  # fmt: skip
+        return self.snapshot
+
+    def _fit(self) -> tuple[float | None, float]:
+        n, sx, sy, sxx, sxy = self._s
+        if n <= 0:
+            return None, 0.0
+        det = n * sxx - sx * sx
+        per_token = (n * sxy - sx * sy) / det if det > 1e-9 * max(1.0, n * sxx) else 0.0
+        per_token = max(per_token, 0.0)
+        base = max((sy - per_token * sx) / n, 0.0)
+        return base, per_token

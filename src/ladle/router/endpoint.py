@@ -1,0 +1,83 @@
+"""What the HTTP layer sees of anything that serves a model: the Endpoint protocol.
+
+An in-process LLM engine (`LocalLLM`) is the first kind; an upstream OpenAI-compatible server is
+the second; embedding and tensor models come later. Handlers get an endpoint from the router and
+never reach inside an engine.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from ladle.engine.load import LoadSnapshot
+from ladle.engine.outputs import RequestOutput
+from ladle.sample.params import SamplingParams
+
+GENERATE = "generate"  # tasks an endpoint may serve; "embed" and "infer" come with issue 17
+
+
+class Phase(enum.Enum):
+    UNLOADED = "unloaded"  # declared, not loaded (not yet, evicted, or idle-unloaded): loads on demand
+    LOADING = "loading"  # the model is loading
+    WARMING = "warming"  # loaded, running its warm-up passes
+    READY = "ready"  # serving
+    DRAINING = "draining"  # finishing its requests before it unloads; new ones go elsewhere or wait
+    FAILED = "failed"  # loading failed: `failure` says why
+
+
+@dataclass(frozen=True)
+class EndpointStatus:
+    phase: Phase
+    failure: str | None = None  # why it failed to load
+    ready_since_s: float | None = None  # wall-clock time it became ready
+    last_used_s: float | None = None  # monotonic time of its last request
+    memory_bytes: int = 0  # weights and KV cache while loaded
+    num_in_flight: int = 0  # requests it is serving now
+
+
+@runtime_checkable
+class Endpoint(Protocol):
+    """Anything that serves a model."""
+
+    name: str
+    kind: str  # "llm" (in-process), "upstream"
+    tasks: frozenset[str]
+
+    def status(self) -> EndpointStatus: ...
+
+    def load(self) -> LoadSnapshot | None:
+        """The live load estimate (None where nothing is measured, as for an upstream)."""
+
+    async def start(self) -> None:
+        """Load and warm up; the phase says how far it got, `failure` why it stopped."""
+
+    async def drain(self, timeout_s: float) -> None:
+        """Take no new requests; wait up to timeout_s for those in flight, then abort the rest."""
+
+    async def close(self) -> None:
+        """Release what it holds (engine, memory, connections)."""
+
+
+@runtime_checkable
+class GenerateEndpoint(Endpoint, Protocol):
+    """An endpoint that generates from token ids in this process: the handlers tokenize with its
+    tokenizer, validate, then stream its RequestOutput deltas."""
+
+    tokenizer: object
+    max_model_len: int
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
+
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]: ...
+
+    def abort(self, request_id: str) -> None: ...

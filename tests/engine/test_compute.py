@@ -1,0 +1,103 @@
+"""Several engines on one ComputeLoop, and the load an engine measures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from ladle.engine.async_engine import AsyncEngine
+from ladle.engine.compute import ComputeLoop
+from ladle.engine.llm import LLM
+from ladle.engine.load import LoadSnapshot, LoadTracker
+from ladle.sample.params import SamplingParams
+
+
+def tiny_engine(tiny_models, name):
+    return LLM(str(tiny_models[name].hf_dir), dtype="float32", device="cpu", kv_cache_memory_gib=0.05).engine
+
+
+async def tokens(eng, rid, ids, params):
+    return [t async for out in eng.generate(rid, ids, params) for t in out.new_token_ids]
+
+
+def test_two_engines_on_one_loop_give_their_own_tokens_from_one_thread(tiny_models):
+    """Both engines built and stepped on the loop's one thread; each request gets the tokens it
+    gets on an engine alone, while the other engine's requests share the loop."""
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=12, ignore_eos=True)
+    prompts = {"llama": [5, 6, 7, 8], "qwen2": [9, 10, 11]}
+    alone = {}
+    for name, ids in prompts.items():
+        llm = LLM(str(tiny_models[name].hf_dir), dtype="float32", device="cpu", kv_cache_memory_gib=0.05)
+        alone[name] = llm.generate([ids], params)[0].token_ids
+
+    compute = ComputeLoop().start()
+    built_on = []
+
+    def build(name):
+        built_on.append(threading.current_thread())
+        return tiny_engine(tiny_models, name)
+
+    engines = {name: AsyncEngine.launch(lambda n=name: build(n), compute) for name in prompts}
+    try:
+        assert built_on == [compute.thread, compute.thread]
+
+        async def main():
+            jobs = [tokens(engines[n], f"{n}-{i}", ids, params) for n, ids in prompts.items() for i in range(3)]
+            return await asyncio.gather(*jobs)
+
+        results = asyncio.run(main())
+        assert results == [alone["llama"]] * 3 + [alone["qwen2"]] * 3
+        for eng in engines.values():
+            snap = eng.load()
+            assert snap.is_measured and snap.num_running == 0 and snap.backlog_tokens == 0
+    finally:
+        for eng in engines.values():
+            eng.shutdown()
+        compute.stop()
+    assert not compute.is_running
+
+
+def test_an_engine_leaving_the_loop_is_released_and_the_other_keeps_running(tiny_models):
+    compute = ComputeLoop().start()
+    a = AsyncEngine.launch(lambda: tiny_engine(tiny_models, "llama"), compute)
+    b = AsyncEngine.launch(lambda: tiny_engine(tiny_models, "qwen2"), compute)
+    a.shutdown()
+    a.engine.add_request("offline", [5, 6], SamplingParams(max_tokens=2))  # released: this thread may drive it
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    try:
+        assert len(asyncio.run(tokens(b, "r", [5, 6, 7], params))) == 4
+        assert compute.is_running
+    finally:
+        b.shutdown()
+        compute.stop()
+
+
+def test_the_tracker_fits_step_time_against_tokens_and_sees_sharing():
+    tracker = LoadTracker(max_num_batched_tokens=256, max_num_seqs=8)
+    t = 0.0
+    for i in range(200):  # a step costs 10 ms + 0.1 ms per token; another engine takes as long between
+        tokens = (1, 64, 256)[i % 3]
+        duration = 0.010 + 0.0001 * tokens
+        tracker.observe_step(t, t + duration, tokens, num_finished=1 if i % 4 == 0 else 0)
+        t += 2 * duration
+    snap = tracker.publish(num_running=4, num_waiting=0, backlog_tokens=0)
+    assert snap.step_base_s == pytest.approx(0.010, rel=1e-3)
+    assert snap.step_per_token_s == pytest.approx(0.0001, rel=1e-3)
+    assert 1.5 < snap.period_ratio < 2.5  # a step every two step times
+
+
+def test_predictions_grow_with_the_backlog_and_a_full_batch():
+    base = LoadSnapshot(
+        num_running=2, max_num_batched_tokens=100, max_num_seqs=4, step_base_s=0.01, step_per_token_s=0.001,
+        finished_per_s=2.0,
+    )  # fmt: skip
+    idle = base.predict_ttft_s(50)
+    assert idle == pytest.approx(0.01 + 0.001 * 52)  # one step: the prompt beside two decodes
+    backlog = LoadSnapshot(**{**base.__dict__, "backlog_tokens": 490})
+    assert backlog.predict_ttft_s(50) > 5 * idle  # five more steps of prompt ahead of it
+    full = LoadSnapshot(**{**base.__dict__, "num_running": 4, "num_waiting": 3})
+    assert full.predict_ttft_s(50) >= 4 / 2.0  # four requests ahead of a free slot, two finish a second
+    assert base.predict_tpot_s() == pytest.approx(0.01 + 0.001 * 3)
+    assert base.drain_tokens_per_s == pytest.approx(98 / (0.01 + 0.1))
