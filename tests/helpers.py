@@ -124,3 +124,45 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def long_context_copy(model_dir, dest, context: int):
+    """The same tiny weights with a longer context, so one generation outlasts what a test waits for."""
+    import shutil
+    from pathlib import Path
+
+    dest = Path(dest)
+    shutil.copytree(model_dir, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config["max_position_embeddings"] = context
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+def open_stream(server, path: str, body: dict, headers=None):
+    """A streamed request, its 200 checked; returns (connection, response) to read events from."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    conn.request("POST", path, json.dumps({**body, "stream": True}), {"Content-Type": "application/json",
+                                                                     **(headers or {})})  # fmt: skip
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    return conn, resp
+
+
+def read_events(resp, count: int) -> list[str]:
+    events = []
+    while len(events) < count:
+        line = resp.readline().decode()
+        if not line:
+            break
+        if line.startswith("data: "):
+            events.append(line[6:].strip())
+    return events
+
+
+def wait_for_metric(server, name: str, value: float, timeout_s: float = 60, **labels) -> None:
+    """Until the server's metric reaches value (a state to reach, not a time to measure)."""
+    deadline = time.monotonic() + timeout_s
+    while server.metric(name, **labels) != value:
+        assert time.monotonic() < deadline, f"{name}{labels} never reached {value}"
+        time.sleep(0.02)

@@ -187,11 +187,11 @@ class RouterConfig:
     small: str = ""  # the model for easy requests
     large: str = ""  # the model for hard ones
     threshold: float = 1.0  # a score at or above this goes to the large model
-    long_prompt_tokens: int = 1500  # a prompt this long adds 1
-    deep_conversation_turns: int = 8  # this many messages add 1
+    long_prompt_tokens: int = 1500  # a prompt this long (estimated at 4 characters a token) adds 1
+    deep_conversation_turns: int = 8  # this many messages add 0.5
     long_output_tokens: int = 1024  # max_tokens this large adds 0.5
-    code_weight: float = 0.5  # code in the prompt (fences, keywords) adds this much
-    math_weight: float = 0.5  # math (equations, proofs) adds this much
+    code_weight: float = 1.0  # code in the prompt (fences, keywords, "refactor") adds this much
+    math_weight: float = 1.0  # math (equations, proofs) adds this much
     reasoning_weight: float = 1.0  # an explicit ask to reason step by step adds this much
 
     def __post_init__(self):

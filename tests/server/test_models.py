@@ -55,7 +55,7 @@ def two_models(tiny_models, tmp_path_factory):
         tiny(tiny_models, "llama", "alpha", aliases=["a"]),
         tiny(tiny_models, "qwen2", "beta"),
         {"name": "broken", "model": str(broken), "dtype": "float32"},
-    ])  # fmt: skip
+    ], routers=[{"name": "auto", "small": "beta", "large": "alpha", "long_prompt_tokens": 100}])  # fmt: skip
     server = ServerProcess("--config", path)
     yield server
     server.stop()
@@ -73,18 +73,36 @@ def test_each_name_and_alias_reaches_its_model_and_the_headers_say_so(two_models
     assert two_models.metric("ladle_num_requests_running", model_name="beta") == 0  # one collector each
 
 
+def test_auto_sends_chit_chat_to_the_small_model_and_a_long_code_task_to_the_large(two_models):
+    def chat(text):
+        body = {"model": "auto", "messages": [{"role": "user", "content": text}], "max_tokens": 2}
+        return two_models.request("POST", "/v1/chat/completions", body, USER)
+
+    status, headers, body = chat("Hi! How are you today?")
+    assert status == 200 and body["model"] == "beta"
+    assert headers["x-ladle-routed-to"] == "beta" and headers["x-ladle-route-reason"] == "auto: score 0.0 < 1"
+    code = "Refactor this so it streams the file:\n```python\n" + "def load(p):\n    return open(p).read()\n" * 12
+    status, headers, body = chat(code + "```")
+    assert status == 200, body
+    assert body["model"] == "alpha"
+    assert headers["x-ladle-routed-to"] == "alpha"
+    assert headers["x-ladle-route-reason"].startswith("auto: score 2.0 >= 1 (prompt ~")
+    assert headers["x-ladle-route-reason"].endswith("tokens, code)")
+
+
 def test_models_lists_every_model_with_its_state_and_a_failure_says_why(two_models):
     status, _, body = two_models.request("GET", "/v1/models", headers=USER)
     models = {m["id"]: m for m in body["data"]}
     assert models["alpha"]["state"] == "ready" and models["alpha"]["aliases"] == ["a"]
     assert models["beta"]["state"] == "ready"
     assert models["broken"]["state"] == "failed" and "corrupt" in models["broken"]["error"]
+    assert models["auto"]["router"] == {"small": "beta", "large": "alpha"}
     status, _, body = complete(two_models, "broken")
     assert status == 503 and body["error"]["code"] == "model_load_failed"
     assert "failed to load" in body["error"]["message"] and "corrupt" in body["error"]["message"]
     status, _, body = complete(two_models, "gamma")
     assert status == 404 and body["error"]["code"] == "model_not_found"
-    assert "`alpha`" in body["error"]["message"] and "`beta`" in body["error"]["message"]
+    assert "`alpha`, `beta`, `broken`, `auto`" in body["error"]["message"]
 
 
 def test_the_admin_api_refuses_no_key_and_user_keys(two_models):

@@ -41,6 +41,7 @@ class _Add:
     params: SamplingParams
     priority: int
     cache_salt: str | None
+    deadline_s: float | None = None
 
 
 @dataclass
@@ -137,14 +138,16 @@ class AsyncEngine:
         params: SamplingParams,
         priority: int = 0,
         cache_salt: str | None = None,
+        deadline_s: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Token deltas of every sample of the request until all are finished. Leaving the loop
-        early (a disconnected client, a cancelled task) aborts the request in the engine."""
+        early (a disconnected client, a cancelled task) aborts the request in the engine; one not
+        started by deadline_s (monotonic) finishes with reason "timeout"."""
         stream = self._open(request_id, prompt_token_ids, params)
         with self._lock:
             self._num_pending_adds += 1
             self._pending_prompt_tokens += len(prompt_token_ids)
-        self._put(_Add(request_id, prompt_token_ids, params, priority, cache_salt))
+        self._put(_Add(request_id, prompt_token_ids, params, priority, cache_salt, deadline_s))
         done = False
         try:
             while True:
@@ -274,8 +277,9 @@ class AsyncEngine:
             return
         try:
             self.engine.add_request(
-                command.request_id, command.prompt_token_ids, command.params, command.priority, command.cache_salt
-            )
+                command.request_id, command.prompt_token_ids, command.params, command.priority, command.cache_salt,
+                deadline_s=command.deadline_s,
+            )  # fmt: skip
         except Exception as e:
             self._dispatch_error(command.request_id, e)
 

@@ -163,7 +163,10 @@ class EngineCore:
         priority: int = 0,
         cache_salt: str | None = None,
         arrival_s: float | None = None,
+        deadline_s: float | None = None,
     ) -> None:
+        """Queue a request; with deadline_s (monotonic), one not started by then ends with finish
+        reason "timeout" and no tokens."""
         self._check_thread()
         self.validate(prompt_token_ids, params)
         if request_id in self.groups:
@@ -185,6 +188,7 @@ class EngineCore:
                     max_total_tokens=self.max_model_len,
                     arrival_s=arrival,
                     parent_id=samples[0].request_id if i else None,
+                    deadline_s=deadline_s,
                 )
             )
             self.group_of[rid], self.index_of[rid] = request_id, i
@@ -226,6 +230,24 @@ class EngineCore:
                 self.pending_outputs.append(self._output(request, [], None))
         self._forget_group(request_id)
 
+    def _expire_waiting(self) -> None:
+        """End the requests still waiting, never started, at their deadline (all their samples)."""
+        now = time.monotonic()
+        expired = {
+            self.group_of[r.request_id]
+            for r in self.scheduler.waiting
+            if r.deadline_s is not None and now >= r.deadline_s and r.first_scheduled_s is None
+        }
+        for group_id in expired:
+            samples = self.groups.get(group_id, [])
+            if any(r.first_scheduled_s is not None for r in samples):
+                continue  # a sample is computing: the request is being served
+            for request in samples:
+                if not request.is_finished:
+                    self._finish(request, FinishReason.TIMEOUT)
+                    self.pending_outputs.append(self._output(request, [], None))
+            self._forget_group(group_id)
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix block (the blocks of running requests stay theirs)."""
         self._check_thread()
@@ -238,6 +260,7 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         self._check_thread()
+        self._expire_waiting()
         outputs, self.pending_outputs = self.pending_outputs, []
         sched = self.scheduler.schedule()
         if sched.is_empty:

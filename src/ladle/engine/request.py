@@ -19,6 +19,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # a stop token or stop string
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"  # the client went away, the server drains, or the request was cancelled
+    TIMEOUT = "timeout"  # still waiting at its queue deadline: never started, never served late
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Request:
     stop_reason: str | int | None = None  # the stop string or token that ended it
     first_scheduled_s: float | None = None  # when it first got compute (queue time ends)
     first_token_s: float | None = None  # when its first output token was sampled
+    deadline_s: float | None = None  # monotonic time by which it must have started, else it times out
     parent_id: str | None = None  # for the 2nd..nth sample of an n > 1 request: the first sample
     num_forks_pending: int = 0  # samples waiting to share this request's prompt blocks
     spec_token_ids: list[int] = field(default_factory=list)  # guessed next tokens, checked by the next step

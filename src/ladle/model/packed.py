@@ -46,7 +46,7 @@ PROBE_ROWS = 256  # rows of the probe: every row is compared at every row count
 PROBE_SMALL_CALL = 16  # calls of at most this many rows are checked on the first PROBE_SMALL_ROWS rows only
 PROBE_COUNTS = (*range(1, PROBE_SMALL_CALL + 1), 24, 31, 33, 64, 127)  # row counts compared with PROBE_ROWS'
 PROBE_SMALL_ROWS = 48  # (each small call reads the whole weight: the lm_head's probe would take seconds)
-LADDER_MAX_ROWS = 512  # the largest call of a ladder; larger ones are split into calls of this many rows
+LADDER_MAX_ROWS = 2048  # the largest call of a ladder (the default step budget); larger calls are split
 LADDER_MAX_MACS = 1 << 32  # ... or fewer, so that one call is at most this many multiply-adds (the lm_head's)
 LADDER_FIRST = range(MAX_PAD_ROWS + 1, 65)  # where the ladder's smallest count is looked for
 LADDER_STEP = 32  # the ladder's counts above its smallest: multiples of this
@@ -176,7 +176,10 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         calls = self.plan.calls(rows.shape[0])
-        out = torch.cat([self._call(rows[start : start + n], padded) for start, n, padded in calls])
+        if len(calls) == 1:
+            out = self._call(rows, calls[0][2])
+        else:
+            out = torch.cat([self._call(rows[start : start + n], padded) for start, n, padded in calls])
         return out.view(*x.shape[:-1], self.out_features)
 
     def _call(self, rows: torch.Tensor, padded: int) -> torch.Tensor:

@@ -78,6 +78,7 @@ class GenerateEndpoint(Endpoint, Protocol):
         params: SamplingParams,
         priority: int = 0,
         cache_salt: str | None = None,
+        deadline_s: float | None = None,
     ) -> AsyncIterator[RequestOutput]: ...
 
     def abort(self, request_id: str) -> None: ...

@@ -157,12 +157,13 @@ class LocalLLM:
         params: SamplingParams,
         priority: int = 0,
         cache_salt: str | None = None,
+        deadline_s: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         engine = self.engine
         self.num_in_flight += 1
         self.last_used_s = time.monotonic()
         try:
-            async for out in engine.generate(request_id, prompt_token_ids, params, priority, cache_salt):
+            async for out in engine.generate(request_id, prompt_token_ids, params, priority, cache_salt, deadline_s):
                 yield out
         finally:
             self.num_in_flight -= 1

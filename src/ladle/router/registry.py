@@ -14,6 +14,7 @@ from ladle.engine.compute import ComputeLoop
 from ladle.errors import LadleError
 from ladle.router.endpoint import Phase
 from ladle.router.local import LocalLLM
+from ladle.router.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class Registry:
         self.on_loaded = on_loaded or (lambda ep: None)
         self.on_unloaded = on_unloaded or (lambda ep: None)
         self.endpoints: dict[str, LocalLLM] = {}  # by name, in declaration order
+        self.upstreams = {u.name: Upstream(u) for u in config.upstreams}  # fallbacks, by name
         self._names: dict[str, str] = {}  # name or alias -> name
         self._loading: dict[str, asyncio.Task] = {}
         self._lock = asyncio.Lock()  # one load or unload decision at a time
@@ -236,7 +238,7 @@ class Registry:
             self._idle_task.cancel()
         for task in self._loading.values():
             task.cancel()
-        for endpoint in self.endpoints.values():
+        for endpoint in [*self.endpoints.values(), *self.upstreams.values()]:
             await endpoint.close()
 
     @property

@@ -1,5 +1,6 @@
-"""Picking the endpoint of a request: by name or alias now; `auto` routers, latency-target
-admission, degradation and upstream fallback plug in here (docs/serving-layer.md)."""
+"""Picking the endpoint of a request: by name or alias, then admission against the model's
+latency targets with degradation along `degrade_to`, then the model's upstream fallback, then
+429 (docs/serving-layer.md)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ from dataclasses import dataclass
 
 from ladle.config import LadleConfig
 from ladle.errors import LadleError
+from ladle.router.admission import Verdict, judge, retry_after_s
+from ladle.router.complexity import Features, decide
+from ladle.router.endpoint import Phase
 from ladle.router.local import LocalLLM
-from ladle.router.registry import Registry
+from ladle.router.registry import ModelNotFound, ModelUnavailable, Registry
+from ladle.router.upstream import Upstream
 
 
 class Overloaded(LadleError):
@@ -20,8 +25,17 @@ class Overloaded(LadleError):
 
 
 @dataclass(frozen=True)
+class Pick:
+    """The model a request's name reaches (through an `auto` router or not), before admission."""
+
+    endpoint: LocalLLM | Upstream  # an upstream where the local model is failing and has a fallback
+    requested: str | None  # the name the request gave
+    reason: str  # why this model
+
+
+@dataclass(frozen=True)
 class Route:
-    endpoint: LocalLLM  # what serves the request
+    endpoint: LocalLLM | Upstream  # what serves the request
     requested: str | None  # the name the request gave
     reason: str  # why this endpoint, for X-Ladle-Route-Reason
     outcome: str = "served"  # served, degraded, fell_back
@@ -35,47 +49,74 @@ class Router:
     def __init__(self, config: LadleConfig, registry: Registry):
         self.config = config
         self.registry = registry
+        self.routers = {r.name: r for r in config.routers}
 
-    async def resolve(self, requested: str | None) -> LocalLLM:
-        """The ready endpoint a name or alias reaches (None: the default model), loading it if
-        need be; raises ModelNotFound or ModelUnavailable. Its tokenizer prepares the request."""
-        return await self.registry.acquire(requested)
+    @property
+    def served_names(self) -> list[str]:
+        return [*self.registry.served_names, *self.routers]
 
-    def admit(self, endpoint: LocalLLM, requested: str | None, prompt_tokens: int) -> Route:
-        """Where a prepared request of prompt_tokens goes; raises Overloaded."""
+    async def resolve(self, requested: str | None, features: Features | None = None) -> Pick:
+        """The ready model a name, an alias or a router reaches (None: the default model),
+        loading it if need be; raises ModelNotFound or ModelUnavailable. Its tokenizer then
+        prepares the request."""
+        router = self.routers.get(requested) if requested is not None else None
+        if router is not None:
+            decision = decide(features or Features(""), router)
+            return Pick(await self.registry.acquire(decision.model), requested, decision.reason)
+        if requested is not None and requested not in self.registry:
+            raise ModelNotFound(requested, self.served_names)
+        try:
+            endpoint = await self.registry.acquire(requested)
+        except ModelUnavailable as e:
+            upstream = self._fallback(self.registry.resolve(requested))
+            if upstream is None:
+                raise
+            return Pick(upstream, requested, f"fell back to upstream {upstream.name}: {e}")
         if requested is None:
             reason = "default model"
         else:
             reason = "requested" if requested == endpoint.name else f"alias of {endpoint.name}"
-        self._check_queue(endpoint, prompt_tokens)
-        return Route(endpoint, requested, reason)
+        return Pick(endpoint, requested, reason)
 
-    def _check_queue(self, endpoint: LocalLLM, prompt_tokens: int) -> None:
-        entry = endpoint.entry
-        load = endpoint.load()
-        waiting = endpoint.num_waiting
-        if waiting >= entry.max_waiting_requests:
-            raise Overloaded(
-                endpoint.name,
-                f"the model `{endpoint.name}` is overloaded: {waiting} requests are already waiting "
-                f"(limit {entry.max_waiting_requests}); retry after the delay given in Retry-After",
-                retry_after_s=self.retry_after_s(load),
-            )
-        if load is not None and load.backlog_tokens + prompt_tokens > entry.max_waiting_prompt_tokens:
-            raise Overloaded(
-                endpoint.name,
-                f"the model `{endpoint.name}` is overloaded: {load.backlog_tokens} prompt tokens are already "
-                f"waiting (limit {entry.max_waiting_prompt_tokens})",
-                retry_after_s=self.retry_after_s(load),
-            )
+    def admit(self, pick: Pick, prompt_tokens: int) -> Route:
+        """Where a prepared request of prompt_tokens goes: its model if the prediction meets the
+        model's targets, else the first of its `degrade_to` chain that does; else Overloaded
+        (429) with the Retry-After of the model's excess."""
+        endpoint, requested, reason = pick.endpoint, pick.requested, pick.reason
+        if isinstance(endpoint, Upstream):
+            return Route(endpoint, requested, reason, outcome="fell_back")
+        first = self._judge(endpoint, prompt_tokens)
+        if first.ok:
+            return Route(endpoint, requested, reason)
+        for smaller in self._degrade_chain(endpoint):
+            verdict = self._judge(smaller, prompt_tokens)
+            if verdict.ok:
+                why = f"degraded from {endpoint.name}: {first.reason}"
+                return Route(smaller, requested, why, outcome="degraded")
+        upstream = self._fallback(endpoint)
+        if upstream is not None:
+            return Route(upstream, requested, f"fell back to upstream {upstream.name}: {first.reason}", "fell_back")
+        raise Overloaded(
+            endpoint.name,
+            f"the model `{endpoint.name}` is overloaded: {first.reason}; retry after the delay given in Retry-After",
+            retry_after_s(first, self.config.admission),
+        )
 
-    def retry_after_s(self, load, excess_s: float | None = None) -> int:
-        """When to come back: the time the measured drain rate needs to clear the excess (the
-        whole backlog when no excess is given), within the configured bounds."""
-        cfg = self.config.admission
-        if load is None or not load.is_measured:
-            return cfg.min_retry_after_s
-        if excess_s is None:
-            rate = load.drain_tokens_per_s
-            excess_s = load.backlog_tokens / rate if rate > 0 else cfg.max_retry_after_s
-        return int(min(cfg.max_retry_after_s, max(cfg.min_retry_after_s, -(-excess_s // 1))))
+    def _judge(self, endpoint: LocalLLM, prompt_tokens: int) -> Verdict:
+        return judge(endpoint.entry, endpoint.load(), endpoint.num_waiting, prompt_tokens, self.config.admission)
+
+    def _fallback(self, endpoint: LocalLLM) -> Upstream | None:
+        name = endpoint.entry.fallback
+        return self.registry.upstreams.get(name) if name is not None else None
+
+    def _degrade_chain(self, endpoint: LocalLLM) -> list[LocalLLM]:
+        """The ready models `degrade_to` leads to, in order (a cycle ends the chain)."""
+        chain, seen = [], {endpoint.name}
+        name = endpoint.entry.degrade_to
+        while name is not None and name not in seen and name in self.registry:
+            seen.add(name)
+            target = self.registry.resolve(name)
+            if target.phase == Phase.READY:
+                chain.append(target)
+            name = target.entry.degrade_to
+        return chain

@@ -20,7 +20,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ladle.engine.outputs import RequestOutput
 from ladle.errors import InvalidRequestError, LadleError
+from ladle.router.complexity import Features
 from ladle.router.router import Route
+from ladle.router.upstream import Upstream, UpstreamError
 from ladle.sample.params import SamplingParams
 from ladle.server.errors import APIError, ClientDisconnected, from_ladle_error, from_validation_error
 from ladle.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -57,6 +59,7 @@ class Job:
     params: SamplingParams
     priority: int
     cache_salt: str | None
+    deadline_s: float | None = None  # monotonic time by which it must have started
 
 
 @dataclass
@@ -87,9 +90,10 @@ class Usage:
 class Generation:
     """The engine jobs of one HTTP request, merged into one stream of (choice index, delta)."""
 
-    def __init__(self, state: ServerState, route: Route, jobs: list[Job], n: int):
+    def __init__(self, state: ServerState, route: Route, jobs: list[Job], n: int, queue_timeout_s: float | None):
         self.state = state
         self.route = route
+        self.queue_timeout_s = queue_timeout_s
         self.model = route.name  # the model that answers, for metrics and the response
         self.jobs = jobs
         self.n = n
@@ -135,7 +139,12 @@ class Generation:
         last = time.monotonic()
         num_finished = 0
         try:
-            async for out in endpoint.generate(job.engine_id, job.prompt_ids, job.params, job.priority, job.cache_salt):
+            async for out in endpoint.generate(
+                job.engine_id, job.prompt_ids, job.params, job.priority, job.cache_salt, job.deadline_s
+            ):
+                if out.finish_reason == "timeout":
+                    metrics.observe_outcome(self.model, "timed_out")
+                    raise QueueTimeout(self.queue_timeout_s)
                 now = time.monotonic()
                 if out.new_token_ids and out.num_output_tokens > len(out.new_token_ids):
                     metrics.itl.labels(self.model).observe(now - last)
@@ -201,10 +210,26 @@ def _apply(choice: Choice, out: RequestOutput) -> None:
         choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
 
 
-def _jobs(endpoint, prompts: list[list[int]], params: SamplingParams, body) -> list[Job]:
+class QueueTimeout(APIError):
+    def __init__(self, waited_s: float | None):
+        super().__init__(
+            503,
+            f"the request waited {waited_s:g} s in the queue without starting (its queue timeout): the server "
+            "is overloaded; retry later",
+            code="queue_timeout",
+            headers={"Retry-After": "1"},
+        )
+
+
+def _queue_timeout_s(state: ServerState, body) -> float | None:
+    return body.queue_timeout if body.queue_timeout is not None else state.config.admission.queue_timeout_s
+
+
+def _jobs(endpoint, prompts: list[list[int]], params: SamplingParams, body, timeout_s: float | None) -> list[Job]:
     jobs = []
+    deadline = time.monotonic() + timeout_s if timeout_s is not None else None
     for ids in prompts:
-        job = Job(f"{uuid.uuid4().hex}", ids, params, body.priority, body.cache_salt)
+        job = Job(f"{uuid.uuid4().hex}", ids, params, body.priority, body.cache_salt, deadline)
         try:
             endpoint.validate(ids, params)
         except LadleError as e:
@@ -220,22 +245,54 @@ def _sampling(body, max_tokens, logprobs) -> SamplingParams:
         raise from_ladle_error(e) from None
 
 
-async def _prepare(request: Request, body):
-    """The server state and the endpoint the request's model name reaches."""
+async def _prepare(request: Request, body, features: Features):
+    """The server state and the model the request's name reaches (an `auto` router scores it)."""
     state = _state(request)
     problem = body.unsupported()
     if problem:
         param, message = problem
         raise APIError(400, message, param=param, code="unsupported")
-    endpoint = await state.resolve(body.model)
-    request.scope["state"]["model"] = endpoint.name  # for the HTTP metrics
-    return state, endpoint
+    pick = await state.resolve(body.model, features)
+    request.scope["state"]["model"] = pick.endpoint.name  # for the HTTP metrics
+    return state, pick
 
 
-def _admit(request: Request, state: ServerState, endpoint, body, jobs: list[Job]) -> Route:
-    route = state.admit(endpoint, body.model, sum(len(j.prompt_ids) for j in jobs))
+def _admit(request: Request, state: ServerState, pick, jobs: list[Job]) -> Route:
+    route = state.admit(pick, sum(len(j.prompt_ids) for j in jobs))
     request.scope["state"]["model"] = route.name
     return route
+
+
+async def _proxy(request: Request, state: ServerState, route: Route, path: str) -> Response:
+    """The request as it came, answered by an upstream: its body (or stream) unchanged, its usage
+    counted under the upstream's name, and the route in the headers."""
+    upstream = route.endpoint
+    try:
+        forwarded = await upstream.forward(path, json.loads(await request.body()), route.requested)
+    except UpstreamError as e:
+        raise APIError(502, str(e), code="upstream_error") from None
+    headers = {**forwarded.headers, "X-Ladle-Routed-To": upstream.name, "X-Ladle-Route-Reason": route.reason}
+    headers.pop("content-type", None)
+    media_type = forwarded.headers.get("content-type", "application/json")
+
+    def count() -> None:
+        usage = forwarded.usage
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        state.metrics.observe_usage(upstream.name, usage.get("prompt_tokens", 0), cached,
+                                    usage.get("completion_tokens", 0))  # fmt: skip
+
+    if isinstance(forwarded.body, bytes):
+        count()
+        return Response(forwarded.body, status_code=forwarded.status, headers=headers, media_type=media_type)
+
+    async def relay():
+        try:
+            async for chunk in forwarded.body:
+                yield chunk
+        finally:
+            count()
+
+    return StreamingResponse(relay(), headers={**SSE_HEADERS, **headers}, media_type="text/event-stream")
 
 
 # -- /v1/completions ------------------------------------------------------------------------------
@@ -243,15 +300,28 @@ def _admit(request: Request, state: ServerState, endpoint, body, jobs: list[Job]
 
 async def completions(request: Request) -> Response:
     body: CompletionRequest = await parse_body(request, CompletionRequest)
-    state, endpoint = await _prepare(request, body)
-    tok = endpoint.tokenizer
-    prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
+    text = "\n".join(p for p in body.prompts() if isinstance(p, str))
+    state, pick = await _prepare(request, body, Features(text, 1, body.max_tokens))
+    endpoint = pick.endpoint
     params = _sampling(body, body.max_tokens, body.logprobs)
-    jobs = _jobs(endpoint, prompts, params, body)
-    route = _admit(request, state, endpoint, body, jobs)
+    timeout_s = _queue_timeout_s(state, body)
+
+    def prepared(ep):  # the prompts in this endpoint's tokens, and their jobs
+        prompts = [ep.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
+        return prompts, _jobs(ep, prompts, params, body, timeout_s)
+
+    if isinstance(endpoint, Upstream):  # the model is failing: its fallback answers
+        return await _proxy(request, state, _admit(request, state, pick, []), "completions")
+    prompts, jobs = prepared(endpoint)
+    route = _admit(request, state, pick, jobs)
+    if isinstance(route.endpoint, Upstream):
+        return await _proxy(request, state, route, "completions")
+    if route.endpoint is not endpoint:  # degraded: another model, maybe another tokenizer
+        prompts, jobs = prepared(route.endpoint)
+    tok = route.endpoint.tokenizer
     rid = f"cmpl-{request.state.request_id}"
     created = int(time.time())
-    gen = Generation(state, route, jobs, body.n)
+    gen = Generation(state, route, jobs, body.n, timeout_s)
     echo = [tok.decode(ids, skip_special_tokens=False) if body.echo else "" for ids in prompts]
     num_choices = len(jobs) * body.n
     if body.stream:
@@ -316,6 +386,10 @@ async def _completion_stream(gen: Generation, rid, created, model, echo, include
             if include_usage:
                 chunk["usage"] = None
             yield _sse(chunk)
+    except APIError as e:  # after the 200: the error travels as an event, as vLLM sends it
+        yield _sse(e.body())
+        yield "data: [DONE]\n\n"
+        return
     finally:
         gen.finish()
     if include_usage:
@@ -353,21 +427,34 @@ def _completion_logprobs(tok, items, text_offset: int) -> dict:
 
 async def chat_completions(request: Request) -> Response:
     body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
-    state, endpoint = await _prepare(request, body)
-    tok = endpoint.tokenizer
-    try:
-        messages = [m.as_template_dict() for m in body.messages]
-        prompt = tok.encode_chat(
-            messages, add_generation_prompt=body.add_generation_prompt, **(body.chat_template_kwargs or {})
-        )
-    except InvalidRequestError as e:
-        raise from_ladle_error(e) from None
+    text = "\n".join(m.content if isinstance(m.content, str) else "" for m in body.messages)
+    state, pick = await _prepare(request, body, Features(text, len(body.messages), body.output_limit))
+    endpoint = pick.endpoint
     params = _sampling(body, body.output_limit, body.logprobs_count)
-    jobs = _jobs(endpoint, [prompt], params, body)
-    route = _admit(request, state, endpoint, body, jobs)
+    timeout_s = _queue_timeout_s(state, body)
+
+    def prepared(ep):  # the conversation in this endpoint's chat template and tokens, as one job
+        try:
+            messages = [m.as_template_dict() for m in body.messages]
+            prompt = ep.tokenizer.encode_chat(
+                messages, add_generation_prompt=body.add_generation_prompt, **(body.chat_template_kwargs or {})
+            )
+        except InvalidRequestError as e:
+            raise from_ladle_error(e) from None
+        return _jobs(ep, [prompt], params, body, timeout_s)
+
+    if isinstance(endpoint, Upstream):
+        return await _proxy(request, state, _admit(request, state, pick, []), "chat/completions")
+    jobs = prepared(endpoint)
+    route = _admit(request, state, pick, jobs)
+    if isinstance(route.endpoint, Upstream):
+        return await _proxy(request, state, route, "chat/completions")
+    if route.endpoint is not endpoint:
+        jobs = prepared(route.endpoint)
+    tok = route.endpoint.tokenizer
     rid = f"chatcmpl-{request.state.request_id}"
     created = int(time.time())
-    gen = Generation(state, route, jobs, body.n)
+    gen = Generation(state, route, jobs, body.n, timeout_s)
     if body.stream:
         return StreamingResponse(
             _chat_stream(gen, rid, created, gen.model, body.include_usage, tok),
@@ -431,6 +518,10 @@ async def _chat_stream(gen: Generation, rid, created, model, include_usage, tok)
                 yield chunk(index, {"content": out.new_text}, logprobs=logprobs)
             if out.finished:
                 yield chunk(index, {}, finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+    except APIError as e:  # after the 200: the error travels as an event
+        yield _sse(e.body())
+        yield "data: [DONE]\n\n"
+        return
     finally:
         gen.finish()
     if include_usage:
@@ -478,12 +569,17 @@ async def list_models(request: Request) -> Response:
         if status.failure:
             entry["error"] = status.failure
         data.append(entry)
+    for router in state.router.routers.values():
+        data.append({
+            "id": router.name, "object": "model", "created": int(state.started_s), "owned_by": "ladle",
+            "root": router.name, "state": "ready", "router": {"small": router.small, "large": router.large},
+        })  # fmt: skip
     return JSONResponse({"object": "list", "data": data})
 
 
 async def tokenize(request: Request) -> Response:
     body: TokenizeRequest = await parse_body(request, TokenizeRequest)
-    endpoint = await _state(request).resolve(body.model)
+    endpoint = (await _state(request).resolve(body.model)).endpoint
     tok = endpoint.tokenizer
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt or messages", param="prompt")
@@ -501,7 +597,7 @@ async def tokenize(request: Request) -> Response:
 
 async def detokenize(request: Request) -> Response:
     body: DetokenizeRequest = await parse_body(request, DetokenizeRequest)
-    endpoint = await _state(request).resolve(body.model)
+    endpoint = (await _state(request).resolve(body.model)).endpoint
     try:
         endpoint.tokenizer.validate_ids(body.tokens, param="tokens")
     except InvalidRequestError as e:

@@ -45,6 +45,8 @@ class SamplingFields(BaseModel):
     cache_salt: str | None = None
     # Ladle's: false = no speculative decoding for this request (when the server speculates)
     speculative: bool = True
+    # Ladle's: seconds the request may wait in the queue before it fails (default: --queue-timeout)
+    queue_timeout: float | None = Field(default=None, gt=0)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         bias = {}

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 from ladle.config import LadleConfig
 from ladle.metering.prometheus import ServerMetrics
+from ladle.router.complexity import Features
 from ladle.router.registry import ModelNotFound, ModelUnavailable, Registry
-from ladle.router.router import Overloaded, Route, Router
+from ladle.router.router import Overloaded, Pick, Route, Router
 from ladle.server.errors import APIError
 
 
@@ -44,11 +45,11 @@ class ServerState:
         if self.phase == ServerPhase.FAILED:
             raise APIError(503, f"the server failed to start: {self.failure}", code="model_load_failed")
 
-    async def resolve(self, requested: str | None):
-        """The ready endpoint a model name reaches; the registry's refusals as the API's errors."""
+    async def resolve(self, requested: str | None, features: Features | None = None) -> Pick:
+        """The ready model a name reaches; the registry's refusals as the API's errors."""
         self.check_serving()
         try:
-            return await self.router.resolve(requested)
+            return await self.router.resolve(requested, features)
         except ModelNotFound as e:
             raise APIError(404, str(e), param="model", code="model_not_found") from None
         except ModelUnavailable as e:
@@ -56,14 +57,14 @@ class ServerState:
             headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None
             raise APIError(503, str(e), code=e.code, headers=headers) from None
 
-    def admit(self, endpoint, requested: str | None, prompt_tokens: int) -> Route:
+    def admit(self, pick: Pick, prompt_tokens: int) -> Route:
         """The router's admission; a refusal is a 429 with Retry-After. Every outcome is counted."""
         try:
-            route = self.router.admit(endpoint, requested, prompt_tokens)
+            route = self.router.admit(pick, prompt_tokens)
         except Overloaded as e:
             self.metrics.observe_outcome(e.name, "rejected")
             raise APIError(
                 429, str(e), code="rate_limit_exceeded", headers={"Retry-After": str(e.retry_after_s)}
             ) from None
-        self.metrics.observe_outcome(endpoint.name, route.outcome)
+        self.metrics.observe_outcome(route.name, route.outcome)
         return route
