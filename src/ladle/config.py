@@ -28,7 +28,8 @@ class ModelConfig:
     max_model_len: int | None = None  # cap on prompt + output tokens (default: the model's context)
     attention_backend: str = "auto"  # "cpu" (C++ paged kernel), "sdpa", or auto
     quantization: str = "none"  # weight-only quantization of the decoder layers: QUANTIZATION_METHODS
-    calibration_cache: str | None = "~/.cache/ladle/calibration"  # w8a8's calibration kept here; None: never
+    # what a load measures (w8a8's calibration, packed linears' row plans) is kept here; None: never
+    calibration_cache: str | None = "~/.cache/ladle/calibration"
 
     def __post_init__(self):
         check_quantization(self.quantization)

@@ -31,6 +31,20 @@ def _features_from_flags(flags: set[str]) -> CpuFeatures:
 
 
 @cache
+def cpu_model_name() -> str:
+    """The CPU's model name and stepping as /proc/cpuinfo gives them ("" where it does not)."""
+    fields = {}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "cpu family", "model", "stepping", "flags") and key.strip() not in fields:
+                fields[key.strip()] = value.strip()
+            if not line.strip():
+                break  # the first processor's block is enough
+    return " | ".join(fields.get(k, "") for k in ("model name", "cpu family", "model", "stepping", "flags"))
+
+
 def cpu_features() -> CpuFeatures:
     """Read once per process: the CPU's flags do not change while it runs."""
     try:  # PyTorch's own cpuinfo reading, when this build exposes it

@@ -3,6 +3,8 @@ codes reconstruct the weights within half a step, and a quantized model still se
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -162,6 +164,22 @@ def test_row_plan_shapes_calls_by_padding_or_by_a_ladder():
     assert ladder.calls(1) == [(0, 1, 33)] and ladder.calls(33) == [(0, 33, 33)]
     assert ladder.calls(65) == [(0, 65, 96)]
     assert ladder.calls(300) == [(0, 128, 128), (128, 128, 128), (256, 44, 64)]
+    assert RowPlan(33, (33, 34, 35, 64)).max_native_rows == 35 and RowPlan(2).max_native_rows is None
+
+
+def test_probed_row_plans_are_kept_on_disk_and_read_back(tmp_path, monkeypatch):
+    import ladle.model.packed as packed
+
+    if not packed.packing_available(torch.float32, torch.device("cpu")):
+        pytest.skip("no oneDNN packing here")
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 64))
+    assert packed.pack_linears(model, str(tmp_path)) == 2
+    (saved,) = tmp_path.glob("row-plans-*.json")
+    assert set(json.loads(saved.read_text())) == {"float32:96x64", "float32:64x96"}
+    monkeypatch.setattr(packed, "row_plan", lambda *a: pytest.fail("probed again instead of read from disk"))
+    again = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 64))
+    assert packed.pack_linears(again, str(tmp_path)) == 2
+    assert again[0].plan == model[0].plan
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

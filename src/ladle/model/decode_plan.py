@@ -12,7 +12,8 @@ attention backend (C++ kernels built), and each projection a plain `nn.Linear`, 
 weights, a GPU) `build_decode_plan` returns None and the modules run. The `cpu` backend computes
 every token as a decode of its position, so prompt chunks run through the plan as well (each row
 with its own block table and context length); only steps of more rows than `max_rows` (int8's
-few-rows limit, or the smallest count of a packed projection's ladder) take the modules.
+few-rows limit, or the top of the run of row counts a packed projection's ladder takes as they are)
+take the modules.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def linear_spec(module: nn.Module) -> tuple[int, list[torch.Tensor], torch.Tenso
     if type(module) is nn.Linear:
         return DENSE, [module.weight], module.bias, 1, ANY_ROWS
     if isinstance(module, PackedLinear):
-        plan = module.plan  # a ladder's calls are shaped by the module: the plan takes its smallest count
-        return ONEDNN, [module.packed_weight], module.bias, plan.min_rows, plan.min_rows if plan.counts else ANY_ROWS
+        plan = module.plan  # a ladder's calls: the plan pads to its smallest count, takes the run above it
+        return ONEDNN, [module.packed_weight], module.bias, plan.min_rows, plan.max_native_rows or ANY_ROWS
     if isinstance(module, W8A8Linear) and module.kernels is not None:
         form = W8A8_PANELS if module.panels else W8A8_INT_MM  # the qweight's layout says which product
         return form, [module.qweight, module.inv_smooth, module.w_scale], module.bias, 1, ANY_ROWS

@@ -14,15 +14,16 @@ once per process (`row_plan`) for a way of shaping the calls that gives every ro
 - on a 2-core Zen 5 EPYC (AVX-512 BF16, no AMX) any row count does, except that the down
   projection of SmolLM2 (K = 1,536) gives other bits in a call of one row: calls of fewer rows than
   `min_rows` (2 there, found among 1-16) are padded with zero rows (35.6 -> 38.9 us at one row);
-- on a 2-core Xeon with AMX, oneDNN runs calls of up to 32 rows on AVX-512 and larger ones on AMX
-  tiles, which round differently, and some shapes switch kernels again at other counts (K = 1,536:
-  33-36 and 256-300 rows; N = 960: 480 rows and more). There no padding of small calls helps;
-  instead calls take only `counts`, the largest set of row counts probed to agree (from 17-64, then
-  multiples of 32 up to `LADDER_MAX_ROWS`, fewer for a weight as large as the lm_head): a call is
-  padded up to the next count, and a larger one split into calls of the largest. Decoding a few
-  requests then computes 33 rows where it needed 1 (on that Xeon, SmolLM2's projections of one
-  row: 26-130 us on AVX-512, 29-165 us as 33 rows on AMX), the price of the same text whatever
-  else is batched; prefill keeps AMX's speed (10x AVX-512's there).
+- on a 2-core Xeon with AMX, oneDNN splits bfloat16 work by the row count in ways that round
+  differently: calls of 1-32 rows and most counts from 512 up agree, 33-256 rows and some larger
+  counts do not (and the classes differ by shape). There no padding of small calls helps; instead
+  calls take only `counts`, a set of row counts probed to agree (from 1-64, then multiples of 32
+  up to `LADDER_MAX_ROWS`, fewer for a weight as large as the lm_head); of the sets that agree,
+  the one whose calls are fastest over a range of step sizes is kept. A call is padded up to the
+  next count, and a larger one split into calls of the largest. For SmolLM2's projections the
+  chosen set is 1-32 (calls of a few rows as they are) and the agreeing multiples of 32 to 2,048;
+  for its lm_head, 33-64 and 96-128 (so sampling one row computes 33). The plans are probed once
+  per machine (a few seconds) and kept on disk beside w8a8's calibration.
 A shape with neither (none seen) keeps plain `nn.Linear`, and a warning says so.
 float16 reorders need AVX-NE-CONVERT or AVX512-FP16, rare here.
 """
@@ -30,8 +31,10 @@ float16 reorders need AVX-NE-CONVERT or AVX512-FP16, rare here.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,7 +51,7 @@ PROBE_COUNTS = (*range(1, PROBE_SMALL_CALL + 1), 24, 31, 33, 64, 127)  # row cou
 PROBE_SMALL_ROWS = 48  # (each small call reads the whole weight: the lm_head's probe would take seconds)
 LADDER_MAX_ROWS = 2048  # the largest call of a ladder (the default step budget); larger calls are split
 LADDER_MAX_MACS = 1 << 32  # ... or fewer, so that one call is at most this many multiply-adds (the lm_head's)
-LADDER_FIRST = range(MAX_PAD_ROWS + 1, 65)  # where the ladder's smallest count is looked for
+LADDER_FIRST = range(1, 65)  # where the ladder's smallest count is looked for
 LADDER_STEP = 32  # the ladder's counts above its smallest: multiples of this
 
 
@@ -58,6 +61,17 @@ class RowPlan:
 
     min_rows: int = 1  # calls of fewer rows are padded with zero rows to this many
     counts: tuple[int, ...] = ()  # if set, the only row counts a call takes (ascending; see the module)
+
+    @property
+    def max_native_rows(self) -> int | None:
+        """The most rows a call may have when calls of min_rows and more are taken as they are (the
+        top of the run of counts from min_rows up); None: any number."""
+        if not self.counts:
+            return None
+        top = self.min_rows
+        while top + 1 in self.counts:
+            top += 1
+        return top
 
     def calls(self, n: int) -> list[tuple[int, int, int]]:
         """(first row, rows, rows with the padding) of each call that computes n rows."""
@@ -155,11 +169,34 @@ def _ladder(packed: torch.Tensor, x: torch.Tensor) -> RowPlan | None:
             break
         else:
             groups.append(([count], out if count in large else None))
-    usable = [counts for counts, _ in groups if counts[0] in LADDER_FIRST]
-    if not usable:
-        return None
-    best = max(usable, key=lambda counts: (len(counts), -counts[0]))
-    return RowPlan(best[0], tuple(best))
+    usable = [RowPlan(counts[0], tuple(counts)) for counts, _ in groups if counts[0] in LADDER_FIRST]
+    if len(usable) <= 1:
+        return usable[0] if usable else None
+    return min(usable, key=lambda plan: (_measured_cost(packed, x, plan), plan.min_rows))
+
+
+LADDER_SIZES = (1, 8, 32, 64, 128, 256, 512, 1024, 2048)  # step sizes a ladder is timed at
+
+
+def _measured_cost(packed: torch.Tensor, x: torch.Tensor, plan: RowPlan) -> float:
+    """Seconds per row of calls shaped by the plan, summed over LADDER_SIZES rows (up to the
+    probe's rows): which of several correct ladders is fastest here. Only the speed depends on
+    the timing; every candidate gives every row the same bits."""
+    import time
+
+    layer = PackedLinear.__new__(PackedLinear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features, layer.plan = x.shape[1], packed.shape[0], plan
+    layer.packed_weight, layer.bias = packed, None
+    total = 0.0
+    for m in (m for m in LADDER_SIZES if m <= len(x)):
+        rows = x[:m]
+        layer(rows)  # oneDNN builds its kernels for these shapes
+        started = time.perf_counter()
+        for _ in range(3):
+            layer(rows)
+        total += (time.perf_counter() - started) / 3 / m
+    return total
 
 
 class PackedLinear(nn.Module):
@@ -189,16 +226,18 @@ class PackedLinear(nn.Module):
         return packed_linear(rows, self.packed_weight, self.bias)[:n]
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, cache_dir: str | None = None) -> int:
     """Replace every plain nn.Linear (the lm_head included: it gets its own reordered copy, the
     embedding keeps the plain one) whose shape has a row-invariant form by a PackedLinear, in
-    place; returns how many."""
+    place; returns how many. cache_dir: where the probed plans are kept between loads, per
+    machine, PyTorch and thread count (None: probed at every load)."""
+    plans = _PlanCache(cache_dir)
     count = 0
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is not nn.Linear:
                 continue
-            plan = row_plan(child.weight.dtype, child.out_features, child.in_features)
+            plan = plans.get(child.weight.dtype, child.out_features, child.in_features)
             if plan is None:
                 log.warning(
                     "oneDNN's %s linear %dx%d gives rows that depend on the batch however its calls are shaped: "
@@ -208,4 +247,51 @@ def pack_linears(model: nn.Module) -> int:
                 continue
             setattr(module, child_name, PackedLinear(child.weight, child.bias, plan))
             count += 1
+    plans.save()
     return count
+
+
+PLAN_FORMAT = 1  # bump when the probe changes what a plan means
+
+
+class _PlanCache:
+    """Probed RowPlans on disk: a JSON file per (CPU, PyTorch, threads) in cache_dir."""
+
+    def __init__(self, cache_dir: str | None):
+        self.path = None
+        self.plans: dict[str, RowPlan | None] = {}
+        self.dirty = False
+        if cache_dir is None:
+            return
+        import hashlib
+        import platform
+
+        from ladle.platform import cpu_model_name
+
+        key = f"{PLAN_FORMAT}|{cpu_model_name()}|{platform.machine()}|{torch.__version__}|{torch.get_num_threads()}"
+        name = f"row-plans-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+        self.path = Path(cache_dir).expanduser() / name
+        try:
+            raw = json.loads(self.path.read_text())
+            self.plans = {k: None if v is None else RowPlan(v[0], tuple(v[1])) for k, v in raw.items()}
+        except (OSError, ValueError, TypeError, IndexError):
+            self.plans = {}
+
+    def get(self, dtype: torch.dtype, out_features: int, in_features: int) -> RowPlan | None:
+        key = f"{str(dtype).removeprefix('torch.')}:{out_features}x{in_features}"
+        if key not in self.plans:
+            self.plans[key] = row_plan(dtype, out_features, in_features)
+            self.dirty = True
+        return self.plans[key]
+
+    def save(self) -> None:
+        if self.path is None or not self.dirty:
+            return
+        raw = {k: None if p is None else [p.min_rows, list(p.counts)] for k, p in self.plans.items()}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(raw))
+            tmp.replace(self.path)
+        except OSError as e:
+            log.warning("could not keep the probed row plans in %s: %s", self.path, e)
