@@ -28,7 +28,7 @@ from ladle.engine.llm import LLM, build_engine
 from ladle.model.loader import load_model
 from ladle.model.source import resolve_model
 from ladle.platform import cpu_features, resolve_dtype
-from ladle.runner.model_runner import KVCache
+from ladle.runner.model_runner import KVCache, prefill_hidden_states
 from ladle.sample.params import SamplingParams
 
 WORDS = (
@@ -109,7 +109,8 @@ def run_together(loaded, requests, config: EngineConfig, seed: int) -> tuple[lis
 def measure_form(name: str, args) -> dict:
     dtype, quantization = FORMS[name]
     loaded = load_model(resolve_model(args.model), dtype=dtype, device="cpu", quantization=quantization,
-                        calibration_cache=ModelConfig().calibration_cache)  # fmt: skip
+                        calibration_cache=ModelConfig().calibration_cache,
+                        calibration_forward=prefill_hidden_states)  # fmt: skip
     requests = make_requests(args.num_requests, args.max_tokens)
     started = time.perf_counter()
     alone = run_alone(loaded, requests)

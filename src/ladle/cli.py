@@ -285,6 +285,11 @@ def _add_serve_args(srv: argparse.ArgumentParser) -> None:
         help="drop a request still queued after S seconds, with an error (default: never)",
     )
     g.add_argument(
+        "--no-admission",
+        action="store_true",
+        help="queue every valid request (up to the queue bounds) whatever its predicted latency; with --config too",
+    )
+    g.add_argument(
         "--max-waiting-requests",
         type=int,
         default=e.max_waiting_requests,
@@ -445,6 +450,24 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seed", type=int, default=0)
     cmp.add_argument("--results-dir", default="benchmarks/results", metavar="DIR")
     cmp.set_defaults(func=_cmd_bench_compare)
+
+    from ladle.bench.burst import BurstOptions
+
+    d = BurstOptions(config="", model="")
+    bb = bench.add_parser(
+        "burst", help="a burst far above capacity against a config with a TTFT target: admission on, then off"
+    )
+    bb.add_argument("--config", required=True, metavar="FILE", help="the config file the servers run")
+    bb.add_argument("--model", "-m", required=True, help="the model asked for (needs a ttft_ms target and degrade_to)")
+    bb.add_argument("--multiple", type=float, default=d.multiple, help=f"x the small model's capacity ({d.multiple:g})")
+    bb.add_argument("--duration", type=float, default=d.duration_s, metavar="S", help=f"({d.duration_s:g} s)")
+    bb.add_argument("--input-len", type=int, default=d.input_len, metavar="N", help=f"({d.input_len})")
+    bb.add_argument("--output-len", type=int, default=d.output_len, metavar="N", help=f"({d.output_len})")
+    bb.add_argument("--retries", type=int, default=d.retries, help=f"tries after a 429's Retry-After ({d.retries})")
+    bb.add_argument("--port", type=int, default=d.port, help=f"({d.port})")
+    bb.add_argument("--seed", type=int, default=d.seed)
+    bb.add_argument("--results-dir", default=d.results_dir, metavar="DIR")
+    bb.set_defaults(func=_cmd_bench_burst)
     return parser
 
 
@@ -463,6 +486,16 @@ def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
     return eval_main(args)
 
 
+def _cmd_bench_burst(args: argparse.Namespace) -> int:
+    from ladle.bench.burst import BurstOptions, main
+
+    return main(BurstOptions(
+        config=args.config, model=args.model, multiple=args.multiple, duration_s=args.duration,
+        input_len=args.input_len, output_len=args.output_len, retries=args.retries, port=args.port, seed=args.seed,
+        results_dir=args.results_dir,
+    ))  # fmt: skip
+
+
 def _cmd_bench_compare(args: argparse.Namespace) -> int:
     from ladle.bench.compare import main as compare_main
 
@@ -470,12 +503,13 @@ def _cmd_bench_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from ladle.bench.serve import ServeBenchOptions
     from ladle.bench.serve import main as bench_main
 
     if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
         raise LadleError("--num-prompts, --input-len and --output-len must be at least 1")
     try:
-        return bench_main(args)
+        return bench_main(ServeBenchOptions.from_namespace(args))
     except ValueError as e:
         raise LadleError(str(e)) from None
 
@@ -510,7 +544,9 @@ def _config_from_flags(args: argparse.Namespace, defaults: dict):
         targets=LatencyTargets(ttft_ms=args.ttft_target_ms, tpot_ms=args.tpot_target_ms),
         max_waiting_requests=args.max_waiting_requests,
     )
-    admission = AdmissionConfig(max_queue_wait_s=args.max_queue_wait, queue_timeout_s=args.queue_timeout)
+    admission = AdmissionConfig(
+        enabled=not args.no_admission, max_queue_wait_s=args.max_queue_wait, queue_timeout_s=args.queue_timeout
+    )
     return LadleConfig(models=(entry,), server=_server_config(args, ServerConfig(), defaults), admission=admission)
 
 
@@ -520,7 +556,8 @@ def _config_from_file(args: argparse.Namespace, defaults: dict):
     model_flags = sorted(
         f"--{dest.replace('_', '-')}"
         for dest, value in vars(args).items()
-        if dest in defaults and dest not in SERVER_FLAGS and dest not in ("config", "no_warmup", "log_level")
+        if dest in defaults and dest not in SERVER_FLAGS
+        and dest not in ("config", "no_warmup", "log_level", "no_admission")
         and value != defaults[dest]
     )  # fmt: skip
     if model_flags:
@@ -528,7 +565,8 @@ def _config_from_file(args: argparse.Namespace, defaults: dict):
     cfg = load_config_file(args.config)
     if not cfg.models:
         raise LadleError(f"{args.config}: the config declares no models (a `models:` list)")
-    return dataclasses.replace(cfg, server=_server_config(args, cfg.server, defaults))
+    admission = dataclasses.replace(cfg.admission, enabled=False) if args.no_admission else cfg.admission
+    return dataclasses.replace(cfg, server=_server_config(args, cfg.server, defaults), admission=admission)
 
 
 def _cmd_bench_throughput(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from ladle.errors import LadleError
 from ladle.model.loader import load_model
 from ladle.model.quant import Int4Linear, Int8Linear, QuantLinear, quantize_model
 from ladle.model.source import resolve_model
+from ladle.runner.model_runner import prefill_hidden_states
 
 
 def make(cls, out_features=192, in_features=128, bias=False):
@@ -66,7 +67,9 @@ def test_int4_from_exact_codes():
 def test_quantized_tiny_model_stays_close_to_the_original(tiny_models, method):
     source = resolve_model(str(tiny_models["qwen2"].hf_dir))  # qwen2: q/k/v carry a bias
     plain = load_model(source, dtype="float32", device="cpu")
-    quant = load_model(source, dtype="float32", device="cpu", quantization=method)
+    quant = load_model(
+        source, dtype="float32", device="cpu", quantization=method, calibration_forward=prefill_hidden_states
+    )
     assert quant.quantization == method
     layer = quant.model.model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj, QuantLinear) and layer.self_attn.qkv_proj.bias is not None
@@ -222,7 +225,10 @@ def test_ladle_decode_kernels_match_the_dequantized_weights_and_ignore_the_batch
 
 def test_quantized_models_carry_an_int8_head(tiny_models):
     for method in ("int8", "int4"):
-        loaded = load_model(resolve_model(str(tiny_models["llama"].hf_dir)), dtype="float32", quantization=method)
+        loaded = load_model(
+            resolve_model(str(tiny_models["llama"].hf_dir)), dtype="float32", quantization=method,
+            calibration_forward=prefill_hidden_states,
+        )  # fmt: skip
         assert isinstance(loaded.model.lm_head, Int8Linear)
         assert not isinstance(loaded.model.model.embed_tokens, QuantLinear)
 
@@ -281,7 +287,9 @@ def test_w8a8_model_calibrates_and_keeps_greedy_tokens_batch_independent(tiny_mo
 
     source = resolve_model(str(tiny_models["qwen2"].hf_dir))
     plain = load_model(source, dtype="float32", device="cpu")
-    loaded = load_model(source, dtype="float32", device="cpu", quantization="w8a8")
+    loaded = load_model(
+        source, dtype="float32", device="cpu", quantization="w8a8", calibration_forward=prefill_hidden_states
+    )
     assert sum(isinstance(m, W8A8Linear) for m in loaded.model.modules()) == 4 * loaded.spec.num_layers + 1
     layer = loaded.model.model.layers[1].self_attn.qkv_proj
     assert (layer.inv_smooth != 1).any()  # smoothing came from the calibration pass
@@ -346,8 +354,17 @@ def test_w8a8_calibration_is_kept_between_loads_and_gives_the_same_model(tiny_mo
     from ladle.model import quant
 
     source = resolve_model(str(tiny_models["llama"].hf_dir))
-    fresh = load_model(source, dtype="float32", device="cpu", quantization="w8a8")
-    first = load_model(source, dtype="float32", device="cpu", quantization="w8a8", calibration_cache=str(tmp_path))
+    fresh = load_model(
+        source, dtype="float32", device="cpu", quantization="w8a8", calibration_forward=prefill_hidden_states
+    )
+    first = load_model(
+        source,
+        dtype="float32",
+        device="cpu",
+        quantization="w8a8",
+        calibration_cache=str(tmp_path),
+        calibration_forward=prefill_hidden_states,
+    )
     (file,) = tmp_path.glob("calibration-*.pt")
     calls = []
     real = quant.input_absmax
@@ -358,7 +375,14 @@ def test_w8a8_calibration_is_kept_between_loads_and_gives_the_same_model(tiny_mo
 
     quant.input_absmax = counted
     try:
-        second = load_model(source, dtype="float32", device="cpu", quantization="w8a8", calibration_cache=str(tmp_path))
+        second = load_model(
+            source,
+            dtype="float32",
+            device="cpu",
+            quantization="w8a8",
+            calibration_cache=str(tmp_path),
+            calibration_forward=prefill_hidden_states,
+        )
     finally:
         quant.input_absmax = real
     assert not calls  # the second load read the file instead of calibrating
@@ -368,5 +392,12 @@ def test_w8a8_calibration_is_kept_between_loads_and_gives_the_same_model(tiny_mo
             assert torch.equal(la.mlp.gate_up_proj.inv_smooth, lb.mlp.gate_up_proj.inv_smooth)
             assert torch.equal(la.mlp.gate_up_proj(x), lb.mlp.gate_up_proj(x))
     file.write_bytes(b"not a torch file")  # a damaged cache is recomputed, not an error
-    third = load_model(source, dtype="float32", device="cpu", quantization="w8a8", calibration_cache=str(tmp_path))
+    third = load_model(
+        source,
+        dtype="float32",
+        device="cpu",
+        quantization="w8a8",
+        calibration_cache=str(tmp_path),
+        calibration_forward=prefill_hidden_states,
+    )
     assert torch.equal(third.model.lm_head.inv_smooth, fresh.model.lm_head.inv_smooth)

@@ -22,6 +22,7 @@ Workloads (name → dataset and load):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -36,12 +37,10 @@ from pathlib import Path
 from ladle.errors import LadleError
 
 WORKLOADS = {
-    "c32": ["--dataset", "random", "--input-len", "256", "--output-len", "128", "--num-prompts", "128",
-            "--concurrency", "32"],
-    "c1": ["--dataset", "random", "--input-len", "64", "--output-len", "128", "--num-prompts", "16",
-           "--concurrency", "1"],
-    "prefix": ["--dataset", "shared-prefix", "--prefix-len", "1024", "--input-len", "128", "--output-len", "64",
-               "--num-prompts", "64", "--concurrency", "16"],
+    "c32": dict(dataset="random", input_len=256, output_len=128, num_prompts=128, concurrency=32),
+    "c1": dict(dataset="random", input_len=64, output_len=128, num_prompts=16, concurrency=1),
+    "prefix": dict(dataset="shared-prefix", prefix_len=1024, input_len=128, output_len=64, num_prompts=64,
+                   concurrency=16),
 }  # fmt: skip
 SERVED_NAME = "bench-model"
 
@@ -161,16 +160,15 @@ def run_workload(
     port: int, label: str, workload: str, model: str | None, results_dir: str, seed: int, num_prompts: int | None
 ) -> dict:
     """One workload against a ready server, through `ladle bench serve`'s own code."""
-    from ladle.bench.serve import measure
-    from ladle.cli import build_parser
+    from ladle.bench.serve import ServeBenchOptions, measure
 
-    argv = ["bench", "serve", "--base-url", f"http://127.0.0.1:{port}/v1", "--served-model-name", SERVED_NAME]
-    argv += ["--label", f"{label}-{workload}", "--results-dir", results_dir, "--seed", str(seed)]
-    argv += WORKLOADS[workload] + (["--model", model] if model else [])
+    options = ServeBenchOptions(
+        base_url=f"http://127.0.0.1:{port}/v1", model=model, served_model_name=SERVED_NAME,
+        label=f"{label}-{workload}", results_dir=results_dir, seed=seed, **WORKLOADS[workload],
+    )  # fmt: skip
     if num_prompts:
-        argv += ["--num-prompts", str(num_prompts)]
-    args = build_parser().parse_args(argv)
-    (_, summary), *_ = measure(args)
+        options = dataclasses.replace(options, num_prompts=num_prompts)
+    (_, summary), *_ = measure(options)
     return summary
 
 

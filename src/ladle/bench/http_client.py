@@ -15,10 +15,11 @@ from urllib.parse import urlsplit
 
 
 class HTTPStatusError(Exception):
-    def __init__(self, status: int, body: str):
+    def __init__(self, status: int, body: str, headers: dict[str, str] | None = None):
         super().__init__(f"HTTP {status}: {body[:300]}")
         self.status = status
         self.body = body
+        self.headers = headers or {}  # lower-case names
 
 
 @dataclass
@@ -69,10 +70,16 @@ async def _body_chunks(reader: asyncio.StreamReader, headers: dict[str, str]) ->
 
 
 async def post_json(
-    endpoint: Endpoint, path: str, body: dict, headers: dict[str, str] | None = None, stream: bool = False
+    endpoint: Endpoint,
+    path: str,
+    body: dict,
+    headers: dict[str, str] | None = None,
+    stream: bool = False,
+    response_headers: dict[str, str] | None = None,
 ) -> AsyncIterator[dict | str]:
     """POST and yield either the parsed JSON response (once) or, with stream=True, each SSE event's
-    data: a dict, or the string "[DONE]"."""
+    data: a dict, or the string "[DONE]". response_headers, if given, receives the response's
+    headers (lower-case names) before the first item."""
     reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
     try:
         payload = json.dumps(body).encode()
@@ -87,10 +94,12 @@ async def post_json(
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
         await writer.drain()
         status, resp_headers = await _read_head(reader)
+        if response_headers is not None:
+            response_headers.update(resp_headers)
         if status != 200 or not stream:
             data = b"".join([c async for c in _body_chunks(reader, resp_headers)])
             if status != 200:
-                raise HTTPStatusError(status, data.decode(errors="replace"))
+                raise HTTPStatusError(status, data.decode(errors="replace"), resp_headers)
             yield json.loads(data)
             return
         buffer = b""

@@ -12,6 +12,7 @@ gives the acceptance of the run.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import random
@@ -345,12 +346,41 @@ def plot(path: Path, label: str, points: list[tuple[str, dict]]) -> bool:
 # -- entry point -------------------------------------------------------------------------------------
 
 
-def main(args) -> int:
+@dataclass(frozen=True)
+class ServeBenchOptions:
+    """What `ladle bench serve` runs: the CLI builds it from its flags, `bench compare` directly."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"  # the server's OpenAI base URL
+    model: str | None = None  # the model the server runs, for its tokenizer and name (None: embedded)
+    served_model_name: str | None = None  # the model name sent, if not the model's own
+    api_key: str | None = None
+    dataset: str = "random"  # random, shared-prefix, chat, editing
+    num_prompts: int = 128
+    input_len: int = 256  # prompt tokens (mean for chat)
+    output_len: int = 128  # output tokens (mean for chat)
+    prefix_len: int = 512  # shared-prefix: shared tokens
+    range_ratio: float = 0.0  # lengths spread uniformly by +-this share
+    concurrency: int = 32  # requests in flight at most
+    request_rate: float | None = None  # Poisson arrivals per second instead of a fixed concurrency
+    sweep: str | None = None  # comma-separated concurrencies (or rates) to run in turn
+    goodput: str | None = None  # latency targets, e.g. ttft:2000,tpot:100 (ms)
+    ignore_eos: bool = True
+    warmup: int = 2  # short requests sent first
+    seed: int = 0
+    label: str = "ladle"  # the system under test, for files and output
+    results_dir: str = "benchmarks/results"
+
+    @classmethod
+    def from_namespace(cls, args) -> ServeBenchOptions:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def main(args: ServeBenchOptions) -> int:
     points = measure(args)
     return 0 if all(p[1]["completed"] for p in points) else 1
 
 
-def measure(args) -> list[tuple[str, dict]]:
+def measure(args: ServeBenchOptions) -> list[tuple[str, dict]]:
     """Run every load of `args` against the server, print and save the results; returns
     (load label, summary) pairs."""
     from tqdm import tqdm
@@ -410,7 +440,7 @@ def _save(args, model: str, points) -> None:
         "label": args.label,
         "model": model,
         "base_url": args.base_url,
-        "args": {k: v for k, v in vars(args).items() if k not in ("func", "api_key")},
+        "args": {k: v for k, v in dataclasses.asdict(args).items() if k != "api_key"},
         "points": [{"load": label, **summary} for label, summary in points],
     }
     base.with_suffix(".json").write_text(json.dumps(payload, indent=2))

@@ -24,7 +24,7 @@ def build_engine(config: EngineConfig, loaded=None) -> EngineCore:
     from ladle.model.loader import load_model
     from ladle.model.source import resolve_model
     from ladle.runner.memory import num_kv_blocks
-    from ladle.runner.model_runner import KVCache, ModelRunner
+    from ladle.runner.model_runner import KVCache, ModelRunner, prefill_hidden_states
 
     mc = config.model
     if loaded is None:
@@ -36,6 +36,7 @@ def build_engine(config: EngineConfig, loaded=None) -> EngineCore:
             mc.max_model_len,
             mc.quantization,
             calibration_cache=mc.calibration_cache,
+            calibration_forward=prefill_hidden_states,
         )
     bs = config.cache.block_size
     max_len = min(loaded.max_model_len, mc.max_model_len or loaded.max_model_len)

@@ -98,6 +98,7 @@ def main(args) -> int:
 
     from ladle.model.loader import load_model
     from ladle.model.source import resolve_model
+    from ladle.runner.model_runner import prefill_hidden_states
 
     path = Path(args.text) if args.text else default_text_path()
     if not path.is_file():
@@ -109,6 +110,7 @@ def main(args) -> int:
         max_model_len=args.max_model_len,
         quantization=args.quantization,
         calibration_cache=args.calibration_cache,
+        calibration_forward=prefill_hidden_states,
     )
     result = perplexity(loaded, path.read_text(encoding="utf-8"), args.context, path.name)
     if args.json:

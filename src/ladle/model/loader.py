@@ -56,11 +56,14 @@ def load_model(
     quantization: str = "none",
     pack: bool = True,
     calibration_cache: str | None = None,
+    calibration_forward=None,
 ) -> LoadedModel:
     """pack=False keeps plain nn.Linear layers (for tools and tests that read the weights) where
     they would be reordered for oneDNN. calibration_cache: a folder where what a load measures is
     kept between loads, w8a8's calibration and the packed linears' row plans (None: measured at
-    every load)."""
+    every load). calibration_forward: w8a8's calibration prefill, (loaded, ids) -> hidden states
+    (`ladle.runner.model_runner.prefill_hidden_states`: the runner's, passed down, since the model
+    layer builds no steps)."""
     started = time.perf_counter()
     files = open_model_files(source)
     spec = files.spec()
@@ -93,8 +96,10 @@ def load_model(
     elif quantization == "w8a8":
         if device_name != "cpu":
             raise LadleError("--quantization w8a8 runs on CPUs only (int8 x int8 products); use int8 on a GPU")
+        if calibration_forward is None:
+            raise LadleError("w8a8 calibrates with a prefill: pass calibration_forward (the runner's prefill)")
         float_model = LoadedModel(source, spec, tokenizer, model.eval(), torch_dtype, torch.device("cpu"), max_len)
-        stats = cached_input_absmax(float_model, calibration_cache)
+        stats = cached_input_absmax(float_model, calibration_cache, calibration_forward)
         quantize_model(model, quantization, input_absmax=stats)
     else:
         quantize_model(model, quantization)

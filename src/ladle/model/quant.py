@@ -28,6 +28,7 @@ Two ways to multiply, picked per call by the number of rows:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -288,22 +289,22 @@ def quantize_rows_int8(x: torch.Tensor, inv_smooth: torch.Tensor) -> tuple[torch
 
 
 HEAD_KEY = (-1, "lm_head")
+PrefillForward = Callable[[object, list[int]], torch.Tensor]  # (loaded model, ids) -> final hidden states
 CALIBRATION_TOKENS = 1024  # random token ids, seeded: the channels that carry outliers do so for any text
 
 
 @torch.inference_mode()
-def input_absmax(loaded, num_tokens: int = CALIBRATION_TOKENS, seed: int = 0) -> dict[tuple[int, str], torch.Tensor]:
+def input_absmax(
+    loaded, forward: PrefillForward, num_tokens: int = CALIBRATION_TOKENS, seed: int = 0
+) -> dict[tuple[int, str], torch.Tensor]:
     """Largest |input| per channel of every projection, by (layer index, projection name), over one
-    prefill of seeded random tokens; the model still in its float weights."""
+    prefill of seeded random tokens, run by forward(loaded, ids) -> final hidden states (whoever
+    owns the runner supplies it); the model still in its float weights."""
     import random
-
-    from ladle.runner.model_runner import ModelRunner, StepChunk  # the runner builds the attention metadata
 
     n = min(num_tokens, loaded.max_model_len)
     rng = random.Random(seed)
     ids = [rng.randrange(loaded.tokenizer.vocab_size) for _ in range(n)]
-    num_blocks = -(-n // 16)
-    runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=16)
     stats: dict[tuple[int, str], torch.Tensor] = {}
     hooks = []
     for i, _, _, name, linear in _projections(loaded.model):
@@ -315,8 +316,7 @@ def input_absmax(loaded, num_tokens: int = CALIBRATION_TOKENS, seed: int = 0) ->
 
         hooks.append(linear.register_forward_pre_hook(record))
     try:
-        input_ids, positions, meta, _ = runner.prepare([StepChunk(ids, 0, list(range(num_blocks)), num_logits=0)])
-        hidden = runner.model(input_ids, positions, runner.kv_cache.layers, meta)
+        hidden = forward(loaded, ids)
         stats[HEAD_KEY] = hidden.float().abs().amax(dim=0)  # the lm_head's input
     finally:
         for h in hooks:
@@ -343,7 +343,7 @@ def calibration_key(loaded, num_tokens: int = CALIBRATION_TOKENS, seed: int = 0)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
-def cached_input_absmax(loaded, cache_dir: Path | None) -> dict[tuple[int, str], torch.Tensor]:
+def cached_input_absmax(loaded, cache_dir: Path | None, forward: PrefillForward) -> dict[tuple[int, str], torch.Tensor]:
     """`input_absmax`, kept in cache_dir between starts (the calibration pass is most of a w8a8
     model's load on a small CPU: ~6 of 13 s on a 2-core EPYC). It is deterministic, so a cached
     result is the result. None: always computed."""
@@ -352,14 +352,14 @@ def cached_input_absmax(loaded, cache_dir: Path | None) -> dict[tuple[int, str],
     import pickle
 
     if cache_dir is None:
-        return input_absmax(loaded)
+        return input_absmax(loaded, forward)
     file = Path(cache_dir).expanduser() / f"calibration-{calibration_key(loaded)}.pt"
     try:
         rows = torch.load(file, weights_only=True)
         return {(int(i), str(name)): t for i, name, t in rows}
     except (OSError, RuntimeError, EOFError, ValueError, TypeError, pickle.UnpicklingError):  # absent or damaged
         pass
-    stats = input_absmax(loaded)
+    stats = input_absmax(loaded, forward)
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(f".{os.getpid()}.tmp")

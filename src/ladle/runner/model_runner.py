@@ -189,3 +189,14 @@ class ModelRunner:
 def _padded_table(block_table: list[int], width: int) -> list[int]:
     """The first `width` block ids, padded with block 0 (never read past the context length)."""
     return block_table[:width] + [0] * (width - min(width, len(block_table)))
+
+
+@torch.inference_mode()
+def prefill_hidden_states(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
+    """One prefill of `ids` on a cache of its own: the final-normed hidden states [T, hidden]. What
+    w8a8's calibration runs (the loader receives it: the model layer does not build steps)."""
+    block_size = 16
+    num_blocks = -(-len(ids) // block_size)
+    runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=block_size)
+    input_ids, positions, meta, _ = runner.prepare([StepChunk(ids, 0, list(range(num_blocks)), num_logits=0)])
+    return runner.model(input_ids, positions, runner.kv_cache.layers, meta)
