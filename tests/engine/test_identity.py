@@ -64,10 +64,11 @@ def loaded(request, embedded_source, embedded_fp32):
     if request.param == "default" and resolve_dtype("auto", "cpu") == embedded_fp32.dtype:
         pytest.skip("the default dtype is float32 on this CPU: the float32 run covers it")
     from ladle.model.loader import load_model
+    from ladle.runner.model_runner import prefill_hidden_states
 
     return load_model(
         embedded_source, dtype=dtype, device="cpu", quantization=quantization,
-        calibration_cache=ModelConfig().calibration_cache,
+        calibration_cache=ModelConfig().calibration_cache, calibration_forward=prefill_hidden_states,
     )  # fmt: skip
 
 

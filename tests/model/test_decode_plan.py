@@ -8,7 +8,7 @@ import torch
 from ladle.model.attention import PagedCPUBackend
 from ladle.model.loader import load_model
 from ladle.model.source import resolve_model
-from ladle.runner.model_runner import ModelRunner, StepChunk
+from ladle.runner.model_runner import ModelRunner, StepChunk, prefill_hidden_states
 
 pytestmark = pytest.mark.skipif(not PagedCPUBackend.available(), reason="Ladle's CPU kernels do not build here")
 
@@ -41,7 +41,10 @@ def run_steps(runner: ModelRunner, prompts: list[list[int]], decode_steps: int) 
 )
 def test_decode_plan_equals_the_modules(tiny_models, arch, dtype, quantization):
     source = resolve_model(str(tiny_models[arch].hf_dir))
-    loaded = load_model(source, dtype=dtype, device="cpu", attention_backend="cpu", quantization=quantization)
+    loaded = load_model(
+        source, dtype=dtype, device="cpu", attention_backend="cpu", quantization=quantization,
+        calibration_forward=prefill_hidden_states,
+    )  # fmt: skip
     fused = ModelRunner(loaded, num_blocks=64, block_size=16)
     modules = ModelRunner(loaded, num_blocks=64, block_size=16)
     modules.decode_plan = None
