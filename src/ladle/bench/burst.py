@@ -3,8 +3,8 @@ target and a `degrade_to` model, served twice: with admission on, then off.
 
 First the small model's capacity is measured (requests/s finished with its batch full, closed
 loop); then `--multiple` times that many requests a second arrive, evenly spaced, for
-`--duration` seconds, each a stream of `--output-len` tokens from a random `--input-len`-token
-prompt. Every request ends as one of: served (by the model asked for), degraded (by its
+`--duration` seconds, each a stream of `--output-len` tokens from a prompt of `--input-len`
+random words. Every request ends as one of: served (by the model asked for), degraded (by its
 `degrade_to` model), rejected (429; the client waits Retry-After and tries again, up to
 `--retries` times: it then ends as retried-ok or retried-rejected), or failed (anything else).
 The result: counts per outcome, TTFT P50/P95/P99 of the requests answered at once, the share of
@@ -52,11 +52,16 @@ class Outcome:
     error: str | None = None
 
 
-def _prompt(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(100, 20000) for _ in range(n)]
+WORDS = ("the of and to in is was for on that with as by at from river city music light stone paper garden "
+         "winter market code function return value list").split()  # fmt: skip
 
 
-async def _attempt(endpoint: Endpoint, model: str, prompt: list[int], opts: BurstOptions) -> tuple[float, str]:
+def _prompt(rng: random.Random, n: int) -> str:
+    """About n tokens of text (a word is about a token): any model's tokenizer reads it."""
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+async def _attempt(endpoint: Endpoint, model: str, prompt: str, opts: BurstOptions) -> tuple[float, str]:
     """(TTFT, routed-to) of one streamed request; raises HTTPStatusError."""
     body = {"model": model, "prompt": prompt, "max_tokens": opts.output_len, "ignore_eos": True, "stream": True}
     headers: dict[str, str] = {}
