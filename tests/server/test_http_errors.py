@@ -123,24 +123,36 @@ def test_prompt_over_the_context_names_both_numbers(guarded_server):
     )
 
 
-def test_full_queue_gets_429_with_retry_after(guarded_server):
-    """One request runs (max-num-seqs 1), two may wait: the others are turned away at once."""
-    results = []
+def test_full_queue_gets_429_with_retry_after(tiny_models, tmp_path):
+    """One request runs (max-num-seqs 1), two may wait: the next is turned away at once, with
+    Retry-After; the waiting ones are served once the slot frees. Deterministic: the slot is held
+    by a stream that does not end, and the queue is awaited, not timed."""
+    from helpers import ServerProcess, long_context_copy, open_stream, read_events, wait_for_metric
 
-    def call():
-        results.append(post(guarded_server, "/v1/completions", {"prompt": "go", "max_tokens": 200, "ignore_eos": True}))
+    model = long_context_copy(tiny_models["llama"].hf_dir, tmp_path / "long", 16384)
+    server = ServerProcess("--model", str(model), "--dtype", "float32", "--kv-cache-memory", "0.05",
+                           "--max-num-seqs", "1", "--max-waiting-requests", "2")  # fmt: skip
+    try:
+        hold = open_stream(server, "/v1/completions", {"prompt": "go", "max_tokens": 16000, "ignore_eos": True})
+        read_events(hold[1], 2)
+        results = []
 
-    threads = [threading.Thread(target=call) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    statuses = sorted(r[0] for r in results)
-    assert statuses.count(200) >= 3 and 429 in statuses
-    for status, headers, body in results:
-        if status == 429:
-            assert int(headers["retry-after"]) >= 1
-            assert "overloaded" in body["error"]["message"] and body["error"]["code"] == "rate_limit_exceeded"
+        def wait_in_line():
+            results.append(server.request("POST", "/v1/completions", {"prompt": "wait", "max_tokens": 3}))
+
+        waiters = [threading.Thread(target=wait_in_line) for _ in range(2)]
+        for t in waiters:
+            t.start()
+        wait_for_metric(server, "ladle_num_requests_waiting", 2)
+        status, headers, body = server.request("POST", "/v1/completions", {"prompt": "late", "max_tokens": 3})
+        assert status == 429 and int(headers["retry-after"]) >= 1
+        assert "overloaded" in body["error"]["message"] and body["error"]["code"] == "rate_limit_exceeded"
+        hold[0].close()  # the endless stream leaves: the two waiting requests run
+        for t in waiters:
+            t.join()
+        assert [r[0] for r in results] == [200, 200]
+    finally:
+        server.stop()
 
 
 def test_the_server_still_serves_after_all_that(guarded_server):
