@@ -579,12 +579,8 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
 
 
 def _serve_defaults() -> dict:
-    parser = argparse.ArgumentParser()
-    _add_model_args(parser)
-    _add_engine_args(parser)
-    _add_serve_args(parser)
-    parser.add_argument("--config", default=None)
-    return vars(parser.parse_args([]))
+    """Every `serve` flag's value when none is given (the serve parser itself, not a copy of it)."""
+    return vars(build_parser().parse_args(["serve"]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
