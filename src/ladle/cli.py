@@ -388,7 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="the model the server runs, for its tokenizer and name (default: the embedded one)",
     )
-    bs.add_argument("--served-model-name", default=None, metavar="NAME", help="model name to send, if different")
+    bs.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME[,NAME...]",
+        help="model name to send, if different; several, comma-separated, take requests in turn and are reported each",
+    )
     bs.add_argument("--api-key", default=None)
     from ladle.bench.serve import DATASETS
 

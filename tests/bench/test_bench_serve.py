@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
-from helpers import run_ladle
-from ladle.bench.serve import RequestResult, parse_slo, summarize
+from helpers import ServerProcess, run_ladle
+from ladle.bench.serve import RequestResult, parse_slo, served_names, summarize
 
 
 @pytest.mark.slow
@@ -62,3 +63,36 @@ def test_summary_percentiles_and_goodput():
     assert s["output_tokens_per_s"] == pytest.approx(22)
     with pytest.raises(ValueError):
         parse_slo("latency:5")
+
+
+@pytest.mark.slow
+def test_bench_serve_shares_the_load_between_two_models_and_reports_each(tmp_path):
+    model = {"kv_cache_memory_gib": 0.05, "max_model_len": 512}  # the embedded model, twice
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump({"models": [{"name": "a", **model}, {"name": "b", **model}]}))
+    server = ServerProcess("--config", str(config))
+    try:
+        before = {m: server.metric("ladle_request_success_total", model_name=m) for m in ("a", "b")}
+        result = run_ladle(
+            "bench", "serve", "--base-url", server.url + "/v1",
+            "--served-model-name", "a,b", "--num-prompts", "6", "--input-len", "8", "--output-len", "3",
+            "--concurrency", "2", "--warmup", "0", "--results-dir", str(tmp_path), timeout=300,
+        )  # fmt: skip
+        after = {m: server.metric("ladle_request_success_total", model_name=m) for m in ("a", "b")}
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stderr
+    assert "model a: 3/3 ok" in result.stdout and "model b: 3/3 ok" in result.stdout
+    assert after["a"] - before["a"] == 3 and after["b"] - before["b"] == 3  # the server saw the split
+    (data_file,) = tmp_path.glob("serve-ladle-*.json")
+    (point,) = json.loads(data_file.read_text())["points"]
+    assert point["completed"] == 6
+    per = point["per_model"]
+    assert set(per) == {"a", "b"} and all(p["completed"] == 3 and p["output_tokens"] == 9 for p in per.values())
+    assert per["a"]["output_tokens"] + per["b"]["output_tokens"] == point["output_tokens"]
+
+
+def test_served_names_are_a_list_without_repeats():
+    assert served_names(None) == [] and served_names(" a, b ,") == ["a", "b"]
+    with pytest.raises(ValueError, match="names a model twice"):
+        served_names("a,a")

@@ -6,7 +6,8 @@ lengths (sent to /v1/completions, so every server sees exactly the same tokens),
 a prefix, a chat-like mix of lengths, or editing requests (a code file and the request to repeat
 it with a small change, the workload where speculative decoding shines), sent to /v1/chat/completions.
 Where the server exports speculative-decoding counters on /metrics (Ladle's or vLLM's), the summary
-gives the acceptance of the run.
+gives the acceptance of the run. Several models (`--served-model-name a,b`) share the load in
+turn, request by request, and each gets its own summary beside the total.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class RequestResult:
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
     status: int = 0
+    model: str = ""  # the name it was sent to
 
     @property
     def tpot_s(self) -> float | None:
@@ -165,7 +167,7 @@ async def one_request(endpoint: Endpoint, model: str, req: BenchRequest, args) -
     else:
         path, body["prompt"] = "/completions", req.prompt_ids
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    result = RequestResult(ok=False, prompt_len=req.prompt_len)
+    result = RequestResult(ok=False, prompt_len=req.prompt_len, model=model)
     start = time.perf_counter()
     last = None
     pieces = 0
@@ -199,15 +201,23 @@ async def one_request(endpoint: Endpoint, model: str, req: BenchRequest, args) -
 
 
 async def run_load(
-    endpoint: Endpoint, model: str, requests: list[BenchRequest], args, concurrency: int | None, rate: float, progress
+    endpoint: Endpoint,
+    models: list[str],
+    requests: list[BenchRequest],
+    args,
+    concurrency: int | None,
+    rate: float,
+    progress,
 ) -> tuple[list[RequestResult], float]:
-    """Send every request: at most `concurrency` at once (None: no limit), arrivals spaced as a
-    Poisson process of `rate` per second (inf: all at once). Returns results and the duration."""
+    """Send every request, the i-th to models[i % len(models)]: at most `concurrency` at once (None:
+    no limit), arrivals spaced as a Poisson process of `rate` per second (inf: all at once).
+    Returns results and the duration."""
     rng = random.Random(args.seed + 1)
     limit = asyncio.Semaphore(concurrency) if concurrency else None
     results: list[RequestResult | None] = [None] * len(requests)
 
     async def run(i: int, req: BenchRequest):
+        model = models[i % len(models)]
         if limit is not None:
             async with limit:
                 results[i] = await one_request(endpoint, model, req, args)
@@ -287,6 +297,14 @@ def parse_slo(spec: str | None) -> dict[str, float]:
     return slo
 
 
+def summarize_models(results: list[RequestResult], duration_s: float, slo: dict[str, float], models: list[str]):
+    """The summary of all results, with one per model under "per_model" when there are several."""
+    summary = summarize(results, duration_s, slo)
+    if len(models) > 1:
+        summary["per_model"] = {m: summarize([r for r in results if r.model == m], duration_s, slo) for m in models}
+    return summary
+
+
 def print_summary(label: str, load: str, s: dict) -> None:
     def row(name, d):
         if d["mean_ms"] is None:
@@ -312,6 +330,12 @@ def print_summary(label: str, load: str, s: dict) -> None:
         )
     if s["failed"]:
         print(f"  failures: {s['failures_by_status']}; first: {s['first_error']}")
+    for model, m in (s.get("per_model") or {}).items():
+        tpot = m["tpot"]["p50_ms"]
+        print(
+            f"  model {model}: {m['completed']}/{m['num_requests']} ok, {m['output_tokens_per_s']:.1f} output tok/s, "
+            f"TTFT p50 {m['ttft']['p50_ms'] or 0:.1f} ms, TPOT p50 {tpot or 0:.1f} ms"
+        )
 
 
 def plot(path: Path, label: str, points: list[tuple[str, dict]]) -> bool:
@@ -352,7 +376,7 @@ class ServeBenchOptions:
 
     base_url: str = "http://127.0.0.1:8000/v1"  # the server's OpenAI base URL
     model: str | None = None  # the model the server runs, for its tokenizer and name (None: embedded)
-    served_model_name: str | None = None  # the model name sent, if not the model's own
+    served_model_name: str | None = None  # the model name(s) sent, comma-separated, if not the model's own
     api_key: str | None = None
     dataset: str = "random"  # random, shared-prefix, chat, editing
     num_prompts: int = 128
@@ -389,8 +413,9 @@ def measure(args: ServeBenchOptions) -> list[tuple[str, dict]]:
     from ladle.model.source import resolve_model
 
     endpoint = Endpoint.parse(args.base_url)
-    source = resolve_model(args.model, args.served_model_name)
-    model = args.served_model_name or source.name
+    models = served_names(args.served_model_name)
+    source = resolve_model(args.model, models[0] if models else None)
+    models = models or [source.name]
     tokenizer = load_tokenizer(source)
     slo = parse_slo(args.goodput)
     requests = build_dataset(args, tokenizer)
@@ -402,16 +427,24 @@ def measure(args: ServeBenchOptions) -> list[tuple[str, dict]]:
                 BenchRequest(tokens.prompt_ids, tokens.messages, tokens.prompt_len, 4)
                 for tokens in requests[: args.warmup]
             ]
-            asyncio.run(run_load(endpoint, model, warm, args, None, math.inf, _Quiet()))
+            asyncio.run(run_load(endpoint, models, warm * len(models), args, None, math.inf, _Quiet()))
         counters = spec_counters(args.base_url)
         with tqdm(total=len(requests), desc=f"{args.label} {load_label}", file=sys.stderr, leave=False) as bar:
-            results, duration = asyncio.run(run_load(endpoint, model, requests, args, concurrency, rate, bar))
-        summary = summarize(results, duration, slo)
+            results, duration = asyncio.run(run_load(endpoint, models, requests, args, concurrency, rate, bar))
+        summary = summarize_models(results, duration, slo, models)
         summary["speculation"] = speculation_summary(counters, spec_counters(args.base_url))
         print_summary(args.label, load_label, summary)
         points.append((load_label, summary))
-    _save(args, model, points)
+    _save(args, ",".join(models), points)
     return points
+
+
+def served_names(spec: str | None) -> list[str]:
+    """'a, b' → ['a', 'b'] (the models to load, in turn); None → [] (the model's own name)."""
+    names = [n.strip() for n in (spec or "").split(",") if n.strip()]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--served-model-name names a model twice: {spec!r}")
+    return names
 
 
 class _Quiet:
