@@ -25,6 +25,7 @@ from pathlib import Path
 from ladle.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from ladle.engine.async_engine import AsyncEngine
 from ladle.engine.llm import LLM, build_engine
+from ladle.engine.request import GenerateRequest
 from ladle.model.loader import load_model
 from ladle.model.source import resolve_model
 from ladle.platform import cpu_features, resolve_dtype
@@ -81,7 +82,7 @@ def run_together(loaded, requests, config: EngineConfig, seed: int) -> tuple[lis
 
     async def one(i: int) -> list[int]:
         tokens = []
-        async for out in engine.generate(f"r{i}", ids[i], requests[i][1]):
+        async for out in engine.generate(GenerateRequest(f"r{i}", ids[i], requests[i][1])):
             tokens += out.new_token_ids
         return tokens
 

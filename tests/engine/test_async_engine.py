@@ -10,6 +10,7 @@ import pytest
 from ladle.engine.async_engine import AsyncEngine
 from ladle.engine.core import EngineOwnershipError
 from ladle.engine.llm import LLM
+from ladle.engine.request import GenerateRequest
 from ladle.errors import InvalidRequestError
 from ladle.sample.params import SamplingParams
 
@@ -29,7 +30,7 @@ def engine(tiny_models):
 
 async def collect(eng, rid, ids, params):
     deltas = []
-    async for out in eng.generate(rid, ids, params):
+    async for out in eng.generate(GenerateRequest(rid, ids, params)):
         deltas.append(out)
     return deltas
 
@@ -84,7 +85,8 @@ def test_leaving_the_stream_aborts_and_frees_every_block(engine):
     ids = llm.tokenizer.encode("def main(): return")
 
     async def main():
-        streams = [eng.generate(f"cut{i}", ids, SamplingParams(max_tokens=300, ignore_eos=True)) for i in range(8)]
+        params = SamplingParams(max_tokens=300, ignore_eos=True)
+        streams = [eng.generate(GenerateRequest(f"cut{i}", ids, params)) for i in range(8)]
         for s in streams:
             for _ in range(3):
                 await s.__anext__()
@@ -118,7 +120,7 @@ def test_the_event_loop_keeps_running_during_generation(engine):
 
         task = asyncio.create_task(ticker())
         seen = []
-        async for _ in eng.generate("t", ids, SamplingParams(max_tokens=40, ignore_eos=True)):
+        async for _ in eng.generate(GenerateRequest("t", ids, SamplingParams(max_tokens=40, ignore_eos=True))):
             seen.append(ticks)
         stop.set()
         await task

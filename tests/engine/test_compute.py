@@ -11,6 +11,7 @@ from ladle.engine.async_engine import AsyncEngine
 from ladle.engine.compute import ComputeLoop
 from ladle.engine.llm import LLM
 from ladle.engine.load import LoadSnapshot, LoadTracker
+from ladle.engine.request import GenerateRequest
 from ladle.sample.params import SamplingParams
 
 
@@ -19,7 +20,7 @@ def tiny_engine(tiny_models, name):
 
 
 async def tokens(eng, rid, ids, params):
-    return [t async for out in eng.generate(rid, ids, params) for t in out.new_token_ids]
+    return [t async for out in eng.generate(GenerateRequest(rid, ids, params)) for t in out.new_token_ids]
 
 
 def test_two_engines_on_one_loop_give_their_own_tokens_from_one_thread(tiny_models):

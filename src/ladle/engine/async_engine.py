@@ -24,6 +24,7 @@ from ladle.engine.compute import ComputeLoop
 from ladle.engine.core import EngineCore
 from ladle.engine.load import LoadSnapshot, LoadTracker
 from ladle.engine.outputs import RequestOutput
+from ladle.engine.request import GenerateRequest
 from ladle.errors import InvalidRequestError
 from ladle.sample.params import SamplingParams
 
@@ -32,16 +33,6 @@ log = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The engine loop failed; the request cannot complete."""
-
-
-@dataclass
-class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    priority: int
-    cache_salt: str | None
-    deadline_s: float | None = None
 
 
 @dataclass
@@ -131,23 +122,16 @@ class AsyncEngine:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        priority: int = 0,
-        cache_salt: str | None = None,
-        deadline_s: float | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         """Token deltas of every sample of the request until all are finished. Leaving the loop
         early (a disconnected client, a cancelled task) aborts the request in the engine; one not
-        started by deadline_s (monotonic) finishes with reason "timeout"."""
-        stream = self._open(request_id, prompt_token_ids, params)
+        started by its deadline_s (monotonic) finishes with reason "timeout"."""
+        request_id = request.request_id
+        stream = self._open(request_id, request.prompt_token_ids, request.params)
         with self._lock:
             self._num_pending_adds += 1
-            self._pending_prompt_tokens += len(prompt_token_ids)
-        self._put(_Add(request_id, prompt_token_ids, params, priority, cache_salt, deadline_s))
+            self._pending_prompt_tokens += len(request.prompt_token_ids)
+        self._put(request)
         done = False
         try:
             while True:

@@ -22,6 +22,20 @@ class FinishReason(str, enum.Enum):
     TIMEOUT = "timeout"  # still waiting at its queue deadline: never started, never served late
 
 
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What a caller asks to generate, as one value: the server builds it, the router, an endpoint
+    and the async engine pass it on unchanged, and EngineCore.add_request takes its fields. A field
+    a later feature needs is added here, not to every signature on the way."""
+
+    request_id: str  # unique in the engine while the request lives
+    prompt_token_ids: list[int]
+    params: SamplingParams  # n samples are forked from it
+    priority: int = 0  # lower is served first under the priority policy
+    cache_salt: str | None = None  # isolates prefix-cache entries (per tenant)
+    deadline_s: float | None = None  # monotonic time by which it must have started (None: none)
+
+
 @dataclass
 class Request:
     request_id: str  # unique while the request lives

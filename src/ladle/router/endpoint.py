@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 
 from ladle.engine.load import LoadSnapshot
 from ladle.engine.outputs import RequestOutput
+from ladle.engine.request import GenerateRequest
 from ladle.sample.params import SamplingParams
 
 GENERATE = "generate"  # tasks an endpoint may serve; "embed" and "infer" come with issue 17
@@ -71,14 +72,6 @@ class GenerateEndpoint(Endpoint, Protocol):
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
 
-    def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        priority: int = 0,
-        cache_salt: str | None = None,
-        deadline_s: float | None = None,
-    ) -> AsyncIterator[RequestOutput]: ...
+    def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]: ...
 
     def abort(self, request_id: str) -> None: ...

@@ -13,6 +13,7 @@ from ladle.config import ModelEntry
 from ladle.engine.compute import ComputeLoop
 from ladle.engine.load import LoadSnapshot
 from ladle.engine.outputs import RequestOutput
+from ladle.engine.request import GenerateRequest
 from ladle.errors import LadleError
 from ladle.router.endpoint import GENERATE, EndpointStatus, Phase
 from ladle.sample.params import SamplingParams
@@ -85,7 +86,7 @@ class LocalLLM:
             prompts = [[(7 + 13 * j) % tok.vocab_size for j in range(min(n, limit))] for n in WARMUP_PROMPT_LENGTHS]
 
         async def one(i, ids):
-            async for _ in self.engine.generate(f"warmup-{i}", ids, params):
+            async for _ in self.engine.generate(GenerateRequest(f"warmup-{i}", ids, params)):
                 pass
 
         started = time.monotonic()
@@ -150,20 +151,12 @@ class LocalLLM:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.engine.validate(prompt_token_ids, params)
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        priority: int = 0,
-        cache_salt: str | None = None,
-        deadline_s: float | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         engine = self.engine
         self.num_in_flight += 1
         self.last_used_s = time.monotonic()
         try:
-            async for out in engine.generate(request_id, prompt_token_ids, params, priority, cache_salt, deadline_s):
+            async for out in engine.generate(request):
                 yield out
         finally:
             self.num_in_flight -= 1

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ladle.engine.outputs import RequestOutput
+from ladle.engine.request import GenerateRequest
 from ladle.errors import InvalidRequestError, LadleError
 from ladle.router.complexity import Features
 from ladle.router.router import Route
@@ -53,16 +54,6 @@ async def parse_body(request: Request, model: type[BaseModel]):
 
 
 @dataclass
-class Job:
-    engine_id: str  # unique in the engine
-    prompt_ids: list[int]
-    params: SamplingParams
-    priority: int
-    cache_salt: str | None
-    deadline_s: float | None = None  # monotonic time by which it must have started
-
-
-@dataclass
 class Choice:
     index: int
     text: str = ""
@@ -90,14 +81,16 @@ class Usage:
 class Generation:
     """The engine jobs of one HTTP request, merged into one stream of (choice index, delta)."""
 
-    def __init__(self, state: ServerState, route: Route, jobs: list[Job], n: int, queue_timeout_s: float | None):
+    def __init__(
+        self, state: ServerState, route: Route, jobs: list[GenerateRequest], n: int, queue_timeout_s: float | None
+    ):
         self.state = state
         self.route = route
         self.queue_timeout_s = queue_timeout_s
         self.model = route.name  # the model that answers, for metrics and the response
         self.jobs = jobs
         self.n = n
-        self.usage = Usage(prompt_tokens=sum(len(j.prompt_ids) for j in jobs))
+        self.usage = Usage(prompt_tokens=sum(len(j.prompt_token_ids) for j in jobs))
         self._cached: dict[int, int] = {}
 
     async def deltas(self) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -139,9 +132,7 @@ class Generation:
         last = time.monotonic()
         num_finished = 0
         try:
-            async for out in endpoint.generate(
-                job.engine_id, job.prompt_ids, job.params, job.priority, job.cache_salt, job.deadline_s
-            ):
+            async for out in endpoint.generate(job):
                 if out.finish_reason == "timeout":
                     metrics.observe_outcome(self.model, "timed_out")
                     raise QueueTimeout(self.queue_timeout_s)
@@ -225,11 +216,13 @@ def _queue_timeout_s(state: ServerState, body) -> float | None:
     return body.queue_timeout if body.queue_timeout is not None else state.config.admission.queue_timeout_s
 
 
-def _jobs(endpoint, prompts: list[list[int]], params: SamplingParams, body, timeout_s: float | None) -> list[Job]:
+def _jobs(
+    endpoint, prompts: list[list[int]], params: SamplingParams, body, timeout_s: float | None
+) -> list[GenerateRequest]:
     jobs = []
     deadline = time.monotonic() + timeout_s if timeout_s is not None else None
     for ids in prompts:
-        job = Job(f"{uuid.uuid4().hex}", ids, params, body.priority, body.cache_salt, deadline)
+        job = GenerateRequest(f"{uuid.uuid4().hex}", ids, params, body.priority, body.cache_salt, deadline)
         try:
             endpoint.validate(ids, params)
         except LadleError as e:
@@ -257,8 +250,8 @@ async def _prepare(request: Request, body, features: Features):
     return state, pick
 
 
-def _admit(request: Request, state: ServerState, pick, jobs: list[Job]) -> Route:
-    route = state.admit(pick, sum(len(j.prompt_ids) for j in jobs))
+def _admit(request: Request, state: ServerState, pick, jobs: list[GenerateRequest]) -> Route:
+    route = state.admit(pick, sum(len(j.prompt_token_ids) for j in jobs))
     request.scope["state"]["model"] = route.name
     return route
 
