@@ -62,6 +62,23 @@ def test_a_kernel_that_cannot_build_falls_back(tmp_path, caplog):
     assert loader.load() is None  # the failure is remembered, not retried
 
 
+def test_two_checkouts_of_the_same_source_share_one_build(tmp_path, monkeypatch):
+    """The build file names its source's path: built from each checkout's own path, two checkouts
+    rebuilt over each other on every start (a minute and more each time)."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    loaders = []
+    for checkout in ("one", "two"):
+        (tmp_path / checkout).mkdir()
+        source = tmp_path / checkout / "kernels.cpp"
+        source.write_text("// the same source\n")
+        loaders.append(KernelLoader(source))
+    (dir_a, src_a), (dir_b, src_b) = (loader._stage(loader.build_name()) for loader in loaders)
+    assert dir_a == dir_b and src_a == src_b and src_a.parent == dir_a
+    assert src_a.read_text() == "// the same source\n" and not src_a.is_relative_to(tmp_path / "one")
+    (tmp_path / "two" / "kernels.cpp").write_text("// changed\n")  # another source: another build
+    assert loaders[1]._stage(loaders[1].build_name())[0] != dir_a
+
+
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 def test_fused_elementwise_kernels_match_the_pytorch_ops(cpu_backend, dtype, atol):
     from ladle.model.ops import CpuKernelOps, TorchOps, get_ops

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -48,6 +49,22 @@ class KernelLoader:
                     log.warning("CPU kernels unavailable, using the PyTorch attention path (%s)", self._failed)
             return self._module
 
+    def _stage(self, name: str) -> tuple[Path, Path]:
+        """The build folder of `name` and the source copied into it. Built from a path of its own,
+        not the checkout's: the build file names its source's path, so two checkouts (a second
+        venv, `bench compare ladle@DIR`) building the same source from their own paths would
+        rebuild over each other on every start; from the copy they share one build."""
+        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+        build_dir = root / "ladle" / name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        staged = build_dir / self.source.name
+        text = self.source.read_bytes()
+        if not staged.exists() or staged.read_bytes() != text:
+            partial = staged.with_name(f"{staged.name}.{os.getpid()}.tmp")
+            partial.write_bytes(text)
+            os.replace(partial, staged)  # a concurrent build never reads half a file
+        return build_dir, staged
+
     @property
     def failure(self) -> str | None:
         return self._failed
@@ -56,9 +73,12 @@ class KernelLoader:
         from torch.utils import cpp_extension
 
         log.info("loading the CPU kernels (built once per machine, about half a minute, then cached)")
+        name = self.build_name()
+        build_dir, source = self._stage(name)
         return cpp_extension.load(
-            name=self.build_name(),
-            sources=[str(self.source)],
+            name=name,
+            sources=[str(source)],
+            build_directory=str(build_dir),
             # ATen's parallel_for is OpenMP inline code: without -fopenmp it runs on one thread. The
             # process already holds torch's libgomp, which serves this module too (same soname).
             # fast-math lets the exp loop vectorize (the kernel never sees NaNs by construction).
