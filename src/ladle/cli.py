@@ -379,8 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--results-dir", default="benchmarks/results", metavar="DIR")
     tp.set_defaults(func=_cmd_bench_throughput)
 
+    from ladle.bench.serve import DATASETS, ServeBenchOptions
+
+    d = ServeBenchOptions()
     bs = bench.add_parser("serve", help="load an OpenAI-compatible server (Ladle or a peer) and report latency")
-    bs.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the server's OpenAI base URL")
+    bs.add_argument("--base-url", default=d.base_url, help="the server's OpenAI base URL")
     bs.add_argument(
         "--model",
         "-m",
@@ -395,26 +398,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="model name to send, if different; several, comma-separated, take requests in turn and are reported each",
     )
     bs.add_argument("--api-key", default=None)
-    from ladle.bench.serve import DATASETS
-
     bs.add_argument(
         "--dataset",
         choices=DATASETS,
-        default="random",
+        default=d.dataset,
         help="random token ids; shared-prefix; chat (mixed lengths); editing (repeat a code file of --input-len)",
     )
-    bs.add_argument("--num-prompts", type=int, default=128, metavar="N")
-    bs.add_argument("--input-len", type=int, default=256, metavar="N", help="prompt tokens (mean for chat)")
-    bs.add_argument("--output-len", type=int, default=128, metavar="N", help="output tokens (mean for chat)")
-    bs.add_argument("--prefix-len", type=int, default=512, metavar="N", help="shared-prefix: shared tokens")
+    bs.add_argument("--num-prompts", type=int, default=d.num_prompts, metavar="N", help=f"({d.num_prompts})")
+    bs.add_argument(
+        "--input-len", type=int, default=d.input_len, metavar="N", help=f"prompt tokens, mean for chat ({d.input_len})"
+    )
+    bs.add_argument(
+        "--output-len",
+        type=int,
+        default=d.output_len,
+        metavar="N",
+        help=f"output tokens, mean for chat ({d.output_len})",
+    )
+    bs.add_argument(
+        "--prefix-len",
+        type=int,
+        default=d.prefix_len,
+        metavar="N",
+        help=f"shared-prefix: shared tokens ({d.prefix_len})",
+    )
     bs.add_argument(
         "--range-ratio",
         type=float,
-        default=0.0,
+        default=d.range_ratio,
         metavar="R",
         help="spread lengths uniformly by +-R (random, shared-prefix)",
     )
-    bs.add_argument("--concurrency", type=int, default=32, metavar="N", help="requests in flight at most (32)")
+    bs.add_argument(
+        "--concurrency",
+        type=int,
+        default=d.concurrency,
+        metavar="N",
+        help=f"requests in flight at most ({d.concurrency})",
+    )
     bs.add_argument(
         "--request-rate",
         type=float,
@@ -430,10 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bs.add_argument("--goodput", default=None, metavar="SLO", help="latency targets, e.g. ttft:2000,tpot:100 (ms)")
     bs.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false", help="let requests stop at EOS")
-    bs.add_argument("--warmup", type=int, default=2, metavar="N", help="short requests sent first (2)")
-    bs.add_argument("--seed", type=int, default=0)
-    bs.add_argument("--label", default="ladle", help="name of the system under test, for files and output")
-    bs.add_argument("--results-dir", default="benchmarks/results", metavar="DIR")
+    bs.add_argument("--warmup", type=int, default=d.warmup, metavar="N", help=f"short requests sent first ({d.warmup})")
+    bs.add_argument("--seed", type=int, default=d.seed)
+    bs.add_argument("--label", default=d.label, help="name of the system under test, for files and output")
+    bs.add_argument("--results-dir", default=d.results_dir, metavar="DIR")
     bs.set_defaults(func=_cmd_bench_serve)
 
     cmp = bench.add_parser(

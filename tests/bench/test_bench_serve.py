@@ -96,3 +96,10 @@ def test_served_names_are_a_list_without_repeats():
     assert served_names(None) == [] and served_names(" a, b ,") == ["a", "b"]
     with pytest.raises(ValueError, match="names a model twice"):
         served_names("a,a")
+
+
+def test_the_flags_defaults_are_the_options_dataclass_defaults():
+    from ladle.bench.serve import ServeBenchOptions
+    from ladle.cli import build_parser
+
+    assert ServeBenchOptions.from_namespace(build_parser().parse_args(["bench", "serve"])) == ServeBenchOptions()
