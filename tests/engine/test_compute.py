@@ -102,3 +102,48 @@ def test_predictions_grow_with_the_backlog_and_a_full_batch():
     assert full.predict_ttft_s(50) >= 4 / 2.0  # four requests ahead of a free slot, two finish a second
     assert base.predict_tpot_s() == pytest.approx(0.01 + 0.001 * 3)
     assert base.drain_tokens_per_s == pytest.approx(98 / (0.01 + 0.1))
+
+
+def test_an_engine_building_on_the_loop_lets_the_serving_one_step_between_pieces(tiny_models):
+    """Loading a model at runtime runs on the loop's thread: without sharing, every stream of the
+    engines already serving stops until the load ends (seconds for a real model)."""
+    from ladle.config import EngineConfig
+    from ladle.config_file import from_options
+    from ladle.engine.llm import build_engine
+
+    params = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+    ids = [5, 6, 7, 8]
+    alone = LLM(str(tiny_models["llama"].hf_dir), dtype="float32", device="cpu", kv_cache_memory_gib=0.05)
+    expected = alone.generate([ids], params)[0].token_ids
+    compute = ComputeLoop().start()
+    a = AsyncEngine.launch(lambda: tiny_engine(tiny_models, "llama"), compute)
+    config = from_options(EngineConfig, {"model": str(tiny_models["qwen2"].hf_dir), "dtype": "float32",
+                                         "device": "cpu", "kv_cache_memory_gib": 0.05}, "test")  # fmt: skip
+    stepped: list[int] = []  # per piece of b's load: how many engines stepped there
+    progress: list[int] = []
+
+    def build():
+        before = a.engine.stats.num_steps
+        engine = build_engine(config, between=lambda: stepped.append(compute.share(0.0)))
+        progress.append(a.engine.stats.num_steps - before)
+        return engine
+
+    async def main():
+        stream = a.generate(GenerateRequest("long", ids, params))
+        first = await anext(stream)
+        out = list(first.new_token_ids)
+        b = await asyncio.to_thread(AsyncEngine.launch, build, compute)
+        async for delta in stream:
+            out.extend(delta.new_token_ids)
+        return b, out
+
+    try:
+        b, out = asyncio.run(main())
+        b.shutdown()
+    finally:
+        a.shutdown()
+        compute.stop()
+    assert len(stepped) >= 10 and stepped == [1] * len(stepped)  # a stepped at every piece of b's load
+    assert progress == [len(stepped)]
+    assert out == expected  # and its tokens are the ones it gets alone
+    assert compute.share() == 0  # off the loop's thread it does nothing

@@ -7,6 +7,10 @@ was loaded in one thread and run in another. Two engines stepping in two threads
 the cores between two teams. So one thread builds every engine (loading runs there too), applies
 every engine's commands and steps the engines in turn, the least recently stepped first; the step
 times an engine measures then include the others' steps, which is what its admission must see.
+
+A job that takes long (building an engine: seconds) calls `share()` between pieces of its work,
+and the engines already serving step there: their streams keep going while another model loads,
+and the load takes that much longer.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5  # how long an idle loop sleeps before looking again (a command wakes it at once)
+SHARE_INTERVAL_S = 0.05  # a long job gets this long between the engines' steps it lets run
 
 
 class ComputeLoop:
@@ -30,6 +36,7 @@ class ComputeLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_share_s = 0.0
 
     def start(self) -> ComputeLoop:
         if self._thread is None:
@@ -68,6 +75,22 @@ class ComputeLoop:
     def wake(self) -> None:
         self._wake.set()
 
+    def share(self, min_interval_s: float = SHARE_INTERVAL_S) -> int:
+        """From inside a job: step every engine that has work once, unless the job last shared less
+        than min_interval_s ago; returns how many stepped. Anywhere else (a build on the caller's
+        thread, offline) it does nothing."""
+        if threading.current_thread() is not self._thread:
+            return 0
+        if time.monotonic() - self._last_share_s < min_interval_s:
+            return 0
+        for engine in self._engines:
+            engine._poll()
+        busy = sorted((e for e in self._engines if e._has_work()), key=lambda e: e.last_step_s)
+        for engine in busy:
+            engine._step()
+        self._last_share_s = time.monotonic()  # the job's own time starts after the steps
+        return len(busy)
+
     # -- the loop thread ---------------------------------------------------------------------------
 
     def _attach(self, engine) -> None:
@@ -103,6 +126,7 @@ class ComputeLoop:
                 return
             if not future.set_running_or_notify_cancel():
                 continue
+            self._last_share_s = time.monotonic()
             try:
                 future.set_result(fn())
             except BaseException as e:  # the submitter gets it

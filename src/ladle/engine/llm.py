@@ -18,9 +18,10 @@ from ladle.sample.params import SamplingParams
 log = logging.getLogger(__name__)
 
 
-def build_engine(config: EngineConfig, loaded=None) -> EngineCore:
+def build_engine(config: EngineConfig, loaded=None, between=None) -> EngineCore:
     """Load the model (unless a loaded one is given: engines may share weights), size the KV cache,
-    and wire runner and engine together."""
+    and wire runner and engine together. between: called between pieces of the load (a compute
+    loop's `share`, so the engines already serving keep stepping)."""
     from ladle.model.loader import load_model
     from ladle.model.source import resolve_model
     from ladle.runner.memory import num_kv_blocks
@@ -37,10 +38,11 @@ def build_engine(config: EngineConfig, loaded=None) -> EngineCore:
             mc.quantization,
             calibration_cache=mc.calibration_cache,
             calibration_forward=prefill_hidden_states,
+            between=between,
         )
     bs = config.cache.block_size
     max_len = min(loaded.max_model_len, mc.max_model_len or loaded.max_model_len)
-    draft = load_draft(config, loaded, max_len) if config.speculative.method == "draft" else None
+    draft = load_draft(config, loaded, max_len, between) if config.speculative.method == "draft" else None
     bytes_per_block = KVCache.bytes_per_block(loaded, bs) + (KVCache.bytes_per_block(draft, bs) if draft else 0)
     blocks = num_kv_blocks(
         bytes_per_block,
@@ -72,7 +74,7 @@ def _tensor_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def load_draft(config: EngineConfig, target, max_len: int):
+def load_draft(config: EngineConfig, target, max_len: int, between=None):
     """The draft model of `--speculative draft`, checked against the target at startup: same
     vocabulary (token for token), context at least max_len. Same dtype, device and attention."""
     from ladle.errors import LadleError
@@ -81,7 +83,7 @@ def load_draft(config: EngineConfig, target, max_len: int):
 
     path = config.speculative.draft_model
     source = resolve_model(path)
-    draft = load_model(source, config.model.dtype, config.model.device, config.model.attention_backend)
+    draft = load_model(source, config.model.dtype, config.model.device, config.model.attention_backend, between=between)
     t_vocab = target.tokenizer.backend.get_vocab(with_added_tokens=True)
     d_vocab = draft.tokenizer.backend.get_vocab(with_added_tokens=True)
     if t_vocab != d_vocab:

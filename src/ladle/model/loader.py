@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,13 +58,15 @@ def load_model(
     pack: bool = True,
     calibration_cache: str | None = None,
     calibration_forward=None,
+    between: Callable[[], object] | None = None,
 ) -> LoadedModel:
     """pack=False keeps plain nn.Linear layers (for tools and tests that read the weights) where
     they would be reordered for oneDNN. calibration_cache: a folder where what a load measures is
     kept between loads, w8a8's calibration and the packed linears' row plans (None: measured at
     every load). calibration_forward: w8a8's calibration prefill, (loaded, ids) -> hidden states
     (`ladle.runner.model_runner.prefill_hidden_states`: the runner's, passed down, since the model
-    layer builds no steps)."""
+    layer builds no steps). between: called between pieces of the load (a tensor read, a layer
+    quantized or packed): a compute loop lets the engines already serving step there."""
     started = time.perf_counter()
     files = open_model_files(source)
     spec = files.spec()
@@ -81,7 +84,7 @@ def load_model(
     max_len = max_model_len or spec.max_position_embeddings
     backend = resolve_backend_name(attention_backend, torch.device(device_name).type)
     model = _build(spec, backend, max_len, torch_dtype, torch.device(device_name))
-    loaded = model.load_weights(_as_torch(files.weights(spec)))
+    loaded = model.load_weights(_as_torch(files.weights(spec), between))
     missing = sorted(model.expected_checkpoint_names() - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -100,11 +103,11 @@ def load_model(
             raise LadleError("w8a8 calibrates with a prefill: pass calibration_forward (the runner's prefill)")
         float_model = LoadedModel(source, spec, tokenizer, model.eval(), torch_dtype, torch.device("cpu"), max_len)
         stats = cached_input_absmax(float_model, calibration_cache, calibration_forward)
-        quantize_model(model, quantization, input_absmax=stats)
+        quantize_model(model, quantization, input_absmax=stats, between=between)
     else:
-        quantize_model(model, quantization)
+        quantize_model(model, quantization, between=between)
     if pack and packing_available(torch_dtype, torch.device(device_name)):
-        pack_linears(model, calibration_cache)
+        pack_linears(model, calibration_cache, between)
     log.info(
         "loaded %s (%s, %s layers) as %s%s on %s with %s attention in %.1fs",
         source.name,
@@ -152,6 +155,8 @@ def _materialize(model: torch.nn.Module, device: torch.device) -> None:
                 module._buffers[name] = empty(b)
 
 
-def _as_torch(weights):
+def _as_torch(weights, between: Callable[[], object] | None = None):
     for name, w in weights:
         yield name, torch.from_numpy(w) if isinstance(w, np.ndarray) else w
+        if between is not None:
+            between()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,11 +227,11 @@ class PackedLinear(nn.Module):
         return packed_linear(rows, self.packed_weight, self.bias)[:n]
 
 
-def pack_linears(model: nn.Module, cache_dir: str | None = None) -> int:
+def pack_linears(model: nn.Module, cache_dir: str | None = None, between: Callable[[], object] | None = None) -> int:
     """Replace every plain nn.Linear (the lm_head included: it gets its own reordered copy, the
     embedding keeps the plain one) whose shape has a row-invariant form by a PackedLinear, in
     place; returns how many. cache_dir: where the probed plans are kept between loads, per
-    machine, PyTorch and thread count (None: probed at every load)."""
+    machine, PyTorch and thread count (None: probed at every load). between: called after each."""
     plans = _PlanCache(cache_dir)
     count = 0
     for module in list(model.modules()):
@@ -247,6 +248,8 @@ def pack_linears(model: nn.Module, cache_dir: str | None = None) -> int:
                 continue
             setattr(module, child_name, PackedLinear(child.weight, child.bias, plan))
             count += 1
+            if between is not None:
+                between()
     plans.save()
     return count
 

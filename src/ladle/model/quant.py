@@ -384,9 +384,10 @@ def quantize_model(
     method: str,
     group_size: int = 64,
     input_absmax: dict[tuple[int, str], torch.Tensor] | None = None,
+    between: Callable[[], object] | None = None,
 ) -> int:
     """Replace the decoder layers' projections by quantized ones in place; returns how many.
-    w8a8 needs `input_absmax` (see the function of that name)."""
+    w8a8 needs `input_absmax` (see the function of that name). between: called after each."""
     check_quantization(method)
     if method == "none":
         return 0
@@ -404,6 +405,8 @@ def quantize_model(
             quantized = Int4Linear(linear.weight, linear.bias, group_size)
         setattr(parent, name, quantized)
         count += 1
+        if between is not None:
+            between()
     if method == "w8a8":  # the head too: int8 x int8 is fast at any number of rows
         head = model.lm_head
         model.lm_head = W8A8Linear(head.weight, head.bias, input_absmax[HEAD_KEY], W8A8Linear.HEAD_ALPHA)

@@ -69,7 +69,7 @@ class LocalLLM:
 
         engine = self.entry.engine
         config = dataclasses.replace(engine, model=dataclasses.replace(engine.model, served_name=self.name))
-        return AsyncEngine.launch(lambda: build_engine(config), self.compute)
+        return AsyncEngine.launch(lambda: build_engine(config, between=self.compute.share), self.compute)
 
     def _failed(self, message: str, bug: bool = False) -> None:
         self.phase, self.failure, self.failed_by_bug = Phase.FAILED, message, bug
