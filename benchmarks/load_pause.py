@@ -28,9 +28,10 @@ ADMIN = {"Authorization": "Bearer admin-bench"}
 
 
 def stream(url: str, stop: threading.Event, stamps: list[float]) -> None:
-    body = {"model": "a", "prompt": "Tell me a long story.", "max_tokens": 100_000, "ignore_eos": True,
+    body = {"model": "a", "prompt": "Tell me a long story.", "max_tokens": 2000, "ignore_eos": True,
             "stream": True, "temperature": 0}  # fmt: skip
     with httpx.Client(timeout=None) as client, client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+        resp.raise_for_status()
         for line in resp.iter_lines():
             if line.startswith("data: {"):
                 stamps.append(time.monotonic())

@@ -98,8 +98,18 @@ def test_predictions_grow_with_the_backlog_and_a_full_batch():
     assert idle == pytest.approx(0.01 + 0.001 * 52)  # one step: the prompt beside two decodes
     backlog = LoadSnapshot(**{**base.__dict__, "backlog_tokens": 490})
     assert backlog.predict_ttft_s(50) > 5 * idle  # five more steps of prompt ahead of it
-    full = LoadSnapshot(**{**base.__dict__, "num_running": 4, "num_waiting": 3})
-    assert full.predict_ttft_s(50) >= 4 / 2.0  # four requests ahead of a free slot, two finish a second
+    # every slot taken by requests with 10, 10, 20, 30 tokens to go, three waiting with 5 each: they
+    # start after 10, 10 and 15 steps (the first's slot), and the next slot frees after 15 (4 rows a step)
+    full = LoadSnapshot(**{**base.__dict__, "num_running": 4, "num_waiting": 3, "running_left": (10, 10, 20, 30),
+                           "waiting_outputs": (5, 5, 5)})  # fmt: skip
+    assert full.slot_wait_s() == pytest.approx(15 * (0.01 + 0.001 * 4))
+    assert full.predict_ttft_s(50) > full.slot_wait_s()
+    # a batch that started together frees no slot until it ends, however fast requests finish on average
+    together = LoadSnapshot(**{**base.__dict__, "num_running": 4, "running_left": (30,) * 4})
+    assert together.slot_wait_s() == pytest.approx(30 * (0.01 + 0.001 * 4))
+    assert LoadSnapshot(**{**together.__dict__, "num_running": 3, "running_left": (30,) * 3}).slot_wait_s() == 0
+    queued = LoadSnapshot(**{**together.__dict__, "num_waiting": 2})  # two not in the scheduler yet: 30 each
+    assert queued.slot_wait_s() == pytest.approx(30 * (0.01 + 0.001 * 4))  # two slots of four taken again
     assert base.predict_tpot_s() == pytest.approx(0.01 + 0.001 * 3)
     assert base.drain_tokens_per_s == pytest.approx(98 / (0.01 + 0.1))
 
@@ -147,3 +157,26 @@ def test_an_engine_building_on_the_loop_lets_the_serving_one_step_between_pieces
     assert progress == [len(stepped)]
     assert out == expected  # and its tokens are the ones it gets alone
     assert compute.share() == 0  # off the loop's thread it does nothing
+
+
+def test_an_admitted_request_counts_as_waiting_until_submitted_and_a_forgotten_one_lapses(tiny_models, monkeypatch):
+    """Requests that arrive together are admitted one after another before any is submitted: each
+    must see the ones admitted before it, or a burst is admitted far past the model's target."""
+    from ladle.engine import async_engine
+
+    compute = ComputeLoop().start()
+    eng = AsyncEngine.launch(lambda: tiny_engine(tiny_models, "llama"), compute)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+        eng.reserve(GenerateRequest("r", [5, 6, 7], params))
+        snap = eng.load()
+        assert snap.num_waiting == 1 and snap.backlog_tokens == 3 and snap.waiting_outputs[-1:] == (9,)
+        assert len(asyncio.run(tokens(eng, "r", [5, 6, 7], params))) == 9
+        assert eng.load().num_waiting == 0  # generate took the reservation over: not counted twice
+        eng.reserve(GenerateRequest("gone", [5], params))  # its client never submits it
+        assert eng.load().num_waiting == 1
+        monkeypatch.setattr(async_engine, "RESERVATION_S", -1.0)
+        assert eng.load().num_waiting == 0 and eng.load().backlog_tokens == 0
+    finally:
+        eng.shutdown()
+        compute.stop()

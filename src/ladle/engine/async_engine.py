@@ -31,6 +31,9 @@ from ladle.sample.params import SamplingParams
 log = logging.getLogger(__name__)
 
 
+RESERVATION_S = 10.0  # how long an admitted request may take to be submitted before it stops counting
+
+
 class EngineDeadError(RuntimeError):
     """The engine loop failed; the request cannot complete."""
 
@@ -66,6 +69,8 @@ class AsyncEngine:
         self.error: BaseException | None = None
         self._num_pending_adds = 0  # requests queued for the loop thread, not yet in the scheduler
         self._pending_prompt_tokens = 0  # ... and their prompt tokens
+        self._pending_outputs: dict[str, tuple[int, ...]] = {}  # ... and their samples' expected outputs
+        self._reserved: dict[str, tuple[float, GenerateRequest]] = {}  # admitted, not submitted yet
         sc = engine.config.scheduler
         self.load_tracker = LoadTracker(sc.max_num_batched_tokens, sc.max_num_seqs)
         self.last_step_s = 0.0  # when its last step began (the ComputeLoop steps the least recent first)
@@ -129,8 +134,8 @@ class AsyncEngine:
         request_id = request.request_id
         stream = self._open(request_id, request.prompt_token_ids, request.params)
         with self._lock:
-            self._num_pending_adds += 1
-            self._pending_prompt_tokens += len(request.prompt_token_ids)
+            if self._reserved.pop(request_id, None) is None:
+                self._count_pending(request)
         self._put(request)
         done = False
         try:
@@ -199,12 +204,49 @@ class AsyncEngine:
         """The load as of the last step, with the requests queued since (any thread may call it)."""
         snap = self.load_tracker.snapshot
         with self._lock:
+            self._lapse_reservations()
             pending, tokens = self._num_pending_adds, self._pending_prompt_tokens
+            outputs = tuple(n for samples in self._pending_outputs.values() for n in samples)
         if not pending:
             return snap
         return dataclasses.replace(
-            snap, num_waiting=snap.num_waiting + pending, backlog_tokens=snap.backlog_tokens + tokens
-        )
+            snap, num_waiting=snap.num_waiting + pending, backlog_tokens=snap.backlog_tokens + tokens,
+            waiting_outputs=snap.waiting_outputs + outputs,
+        )  # fmt: skip
+
+    def reserve(self, request: GenerateRequest) -> None:
+        """Count a request the router has just admitted as queued, before its handler submits it:
+        requests that arrive together are admitted one after another before any is submitted, and
+        each must see the ones before it. generate() takes the reservation over; one never taken
+        over (the client left first) lapses after RESERVATION_S."""
+        with self._lock:
+            if request.request_id not in self._reserved and request.request_id not in self.streams:
+                self._reserved[request.request_id] = (time.monotonic(), request)
+                self._count_pending(request)
+
+    def _count_pending(self, request: GenerateRequest, sign: int = 1) -> None:
+        """Under the lock."""
+        self._num_pending_adds += sign
+        self._pending_prompt_tokens += sign * len(request.prompt_token_ids)
+        if sign > 0:
+            self._pending_outputs[request.request_id] = self._expected_outputs(request)
+        else:
+            self._pending_outputs.pop(request.request_id, None)
+
+    def _lapse_reservations(self) -> None:
+        """Under the lock."""
+        now = time.monotonic()
+        for request_id, (since, request) in list(self._reserved.items()):
+            if now - since > RESERVATION_S:
+                del self._reserved[request_id]
+                self._count_pending(request, -1)
+
+    def _expected_outputs(self, request: GenerateRequest) -> tuple[int, ...]:
+        """Output tokens each sample of a request not yet in the scheduler is expected to need."""
+        room = self.engine.max_model_len - len(request.prompt_token_ids)
+        p = request.params
+        budget = room if p.max_tokens is None else min(p.max_tokens, room)
+        return (self.load_tracker.expected_left(budget, 0, p.ignore_eos),) * p.n
 
     # -- on the ComputeLoop's thread ---------------------------------------------------------------
 
@@ -237,14 +279,23 @@ class AsyncEngine:
         self.load_tracker.observe_step(
             started, time.monotonic(), stats.num_computed_tokens - computed, stats.num_finished - finished
         )
-        self._publish_load()
+        self._publish_load(outputs)
         self._dispatch(outputs)
 
-    def _publish_load(self) -> None:
-        scheduler = self.engine.scheduler
+    def _publish_load(self, outputs: list[RequestOutput]) -> None:
+        scheduler, tracker = self.engine.scheduler, self.load_tracker
+        for out in outputs:
+            if out.finished and out.finish_reason == "stop":
+                tracker.observe_stop(out.num_output_tokens)
         backlog = sum(r.num_prompt_tokens - r.num_computed_tokens for r in scheduler.waiting)
         backlog += sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in scheduler.running)
-        self.load_tracker.publish(scheduler.num_running, scheduler.num_waiting, backlog)
+
+        def left(r) -> int:
+            return tracker.expected_left(r.max_output_tokens, len(r.output_token_ids), r.params.ignore_eos)
+
+        running = tuple(sorted(left(r) for r in scheduler.running))
+        waiting = tuple(left(r) for r in scheduler.waiting)
+        tracker.publish(scheduler.num_running, scheduler.num_waiting, backlog, running, waiting)
 
     def _apply(self, command) -> None:
         if isinstance(command, _Abort):
@@ -255,8 +306,7 @@ class AsyncEngine:
             return
         with self._lock:
             live = command.request_id in self.streams
-            self._num_pending_adds -= 1
-            self._pending_prompt_tokens -= len(command.prompt_token_ids)
+            self._count_pending(command, -1)
         if not live:  # the caller left before the request reached the engine
             return
         try:

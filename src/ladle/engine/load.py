@@ -8,6 +8,7 @@ over its own step time, says how much other engines on the same ComputeLoop take
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ class LoadSnapshot:
     step_per_token_s: float = 0.0  # fitted step time per computed token
     period_ratio: float = 1.0  # time between this engine's steps over its own step time
     finished_per_s: float = 0.0  # requests finishing per second while busy
+    running_left: tuple[int, ...] = ()  # decode steps each running request is expected to need still
+    waiting_outputs: tuple[int, ...] = ()  # expected output tokens of the waiting ones, in queue order
 
     @property
     def is_measured(self) -> bool:
@@ -46,10 +49,23 @@ class LoadSnapshot:
         tokens = self.backlog_tokens + prompt_tokens
         steps = max(1, math.ceil(tokens / self.prefill_tokens_per_step))
         per_step = min(self.max_num_batched_tokens, self.num_running + math.ceil(tokens / steps))
-        prefill_s = steps * self.step_s(per_step)
-        ahead = self.num_waiting + self.num_running + 1 - self.max_num_seqs  # requests before a slot frees
-        slot_s = ahead / self.finished_per_s if ahead > 0 and self.finished_per_s > 0 else 0.0
-        return prefill_s + slot_s
+        return steps * self.step_s(per_step) + self.slot_wait_s()
+
+    def slot_wait_s(self) -> float:
+        """How long a request queued behind every waiting one waits for a free slot: the running
+        requests' expected remaining decodes and the waiting ones' outputs laid on max_num_seqs
+        slots, each waiting request taking the slot that frees first. (A finishing rate would say
+        a slot frees every 1/rate seconds; a full batch that started together frees none until it
+        has run its course, which is what a burst makes.)"""
+        queue = list(self.waiting_outputs)
+        known = queue or list(self.running_left) or [1]
+        queue += [round(sum(known) / len(known))] * max(0, self.num_waiting - len(queue))  # not in the scheduler yet
+        if self.num_running + len(queue) < self.max_num_seqs:
+            return 0.0
+        slots = sorted([*self.running_left, *[0] * max(0, self.max_num_seqs - len(self.running_left))])
+        for out in queue:  # a sorted list is a heap
+            heapq.heapreplace(slots, slots[0] + out)
+        return slots[0] * self.step_s(self.max_num_seqs)
 
     def predict_tpot_s(self) -> float:
         """Time per output token once one more request decodes beside the running ones."""
@@ -70,6 +86,7 @@ class LoadTracker:
         self._s = [0.0] * 5  # weighted sums: n, x, y, xx, xy (x tokens, y seconds)
         self._ratio = 1.0
         self._finished_per_s = 0.0
+        self.natural_output_tokens: float | None = None  # mean length of requests that stopped on their own
         self._last_start_s: float | None = None
         self._last_duration_s = 0.0
         self.snapshot = LoadSnapshot(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
@@ -86,15 +103,29 @@ class LoadTracker:
             self._finished_per_s = DECAY * self._finished_per_s + (1 - DECAY) * rate
         self._last_start_s, self._last_duration_s = started_s, duration
 
+    def observe_stop(self, num_output_tokens: int) -> None:
+        """A request ended on a stop token or string after num_output_tokens."""
+        mean = self.natural_output_tokens
+        self.natural_output_tokens = num_output_tokens if mean is None else 0.9 * mean + 0.1 * num_output_tokens
+
+    def expected_left(self, max_output_tokens: int, generated: int, ignore_eos: bool) -> int:
+        """Output tokens a request is expected to need still: its budget, or, where it may stop on
+        its own, no more than the mean length of those that did."""
+        budget = max_output_tokens - generated
+        if not ignore_eos and self.natural_output_tokens is not None:
+            budget = min(budget, round(self.natural_output_tokens) - generated)
+        return max(1, budget)
+
     def idle(self) -> None:
         """The engine has nothing to do: the next step's gap is not a period."""
         self._last_start_s = None
 
-    def publish(self, num_running: int, num_waiting: int, backlog_tokens: int) -> LoadSnapshot:
+    def publish(self, num_running: int, num_waiting: int, backlog_tokens: int, running_left: tuple[int, ...] = (),
+                waiting_outputs: tuple[int, ...] = ()) -> LoadSnapshot:  # fmt: skip
         base, per_token = self._fit()
         self.snapshot = LoadSnapshot(
             num_running, num_waiting, backlog_tokens, self._budget, self._seqs, base, per_token,
-            self._ratio, self._finished_per_s,
+            self._ratio, self._finished_per_s, running_left, waiting_outputs,
         )  # fmt: skip
         return self.snapshot
 

@@ -162,6 +162,11 @@ class LocalLLM:
             self.num_in_flight -= 1
             self.last_used_s = time.monotonic()
 
+    def reserve(self, request: GenerateRequest) -> None:
+        """Count an admitted request as queued until generate() submits it (see AsyncEngine.reserve)."""
+        if self.engine is not None:
+            self.engine.reserve(request)
+
     def abort(self, request_id: str) -> None:
         if self.engine is not None:
             self.engine.abort(request_id)

@@ -252,6 +252,9 @@ async def _prepare(request: Request, body, features: Features):
 
 def _admit(request: Request, state: ServerState, pick, jobs: list[GenerateRequest]) -> Route:
     route = state.admit(pick, sum(len(j.prompt_token_ids) for j in jobs))
+    if not isinstance(route.endpoint, Upstream):
+        for job in jobs:  # the next request's admission sees these, though they are not submitted yet
+            route.endpoint.reserve(job)
     request.scope["state"]["model"] = route.name
     return route
 
