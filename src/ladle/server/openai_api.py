@@ -92,6 +92,10 @@ class Generation:
         self.n = n
         self.usage = Usage(prompt_tokens=sum(len(j.prompt_token_ids) for j in jobs))
         self._cached: dict[int, int] = {}
+        # made right after admission, before any await: the next request's admission sees these
+        # jobs, though they reach the engine only once the response starts
+        for job in jobs:
+            route.endpoint.reserve(job)
 
     async def deltas(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         if len(self.jobs) == 1:
@@ -252,9 +256,6 @@ async def _prepare(request: Request, body, features: Features):
 
 def _admit(request: Request, state: ServerState, pick, jobs: list[GenerateRequest]) -> Route:
     route = state.admit(pick, sum(len(j.prompt_token_ids) for j in jobs))
-    if not isinstance(route.endpoint, Upstream):
-        for job in jobs:  # the next request's admission sees these, though they are not submitted yet
-            route.endpoint.reserve(job)
     request.scope["state"]["model"] = route.name
     return route
 
