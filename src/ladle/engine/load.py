@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 DECAY = 0.97  # weight of the past at each new step (about the last 30 steps count)
-PERIOD_DECAY = 0.7  # the step period follows within a few steps (a burst changes it in a second)
 
 
 @dataclass(frozen=True)
@@ -29,7 +28,6 @@ class LoadSnapshot:
     step_per_token_s: float = 0.0  # fitted step time per computed token
     period_ratio: float = 1.0  # time between this engine's steps over its own step time
     finished_per_s: float = 0.0  # requests finishing per second while busy
-    step_period_s: float = 0.0  # recent time between this engine's steps while busy (others' steps included)
     running_left: tuple[int, ...] = ()  # decode steps each running request is expected to need still
     waiting_outputs: tuple[int, ...] = ()  # expected output tokens of the waiting ones, in queue order
 
@@ -67,9 +65,7 @@ class LoadSnapshot:
         slots = sorted([*self.running_left, *[0] * max(0, self.max_num_seqs - len(self.running_left))])
         for out in queue:  # a sorted list is a heap
             heapq.heapreplace(slots, slots[0] + out)
-        # at a full batch; the recent period where it is longer (a full batch's steps carry the
-        # newcomers' prefill chunks, and other engines on the loop step in between)
-        return slots[0] * max(self.step_s(self.max_num_seqs), self.step_period_s)
+        return slots[0] * self.step_s(self.max_num_seqs)
 
     def predict_tpot_s(self) -> float:
         """Time per output token once one more request decodes beside the running ones."""
@@ -89,7 +85,6 @@ class LoadTracker:
         self._budget, self._seqs = max_num_batched_tokens, max_num_seqs
         self._s = [0.0] * 5  # weighted sums: n, x, y, xx, xy (x tokens, y seconds)
         self._ratio = 1.0
-        self._period_s = 0.0
         self._finished_per_s = 0.0
         self.natural_output_tokens: float | None = None  # mean length of requests that stopped on their own
         self._last_start_s: float | None = None
@@ -104,7 +99,6 @@ class LoadTracker:
             period = started_s - self._last_start_s
             ratio = max(1.0, period / max(self._last_duration_s, 1e-6))
             self._ratio = DECAY * self._ratio + (1 - DECAY) * ratio
-            self._period_s = PERIOD_DECAY * self._period_s + (1 - PERIOD_DECAY) * period
             rate = num_finished / max(period, 1e-6)
             self._finished_per_s = DECAY * self._finished_per_s + (1 - DECAY) * rate
         self._last_start_s, self._last_duration_s = started_s, duration
@@ -131,7 +125,7 @@ class LoadTracker:
         base, per_token = self._fit()
         self.snapshot = LoadSnapshot(
             num_running, num_waiting, backlog_tokens, self._budget, self._seqs, base, per_token,
-            self._ratio, self._finished_per_s, self._period_s, running_left, waiting_outputs,
+            self._ratio, self._finished_per_s, running_left, waiting_outputs,
         )  # fmt: skip
         return self.snapshot
 
