@@ -24,7 +24,7 @@ from ladle.engine.compute import ComputeLoop
 from ladle.engine.core import EngineCore
 from ladle.engine.load import LoadSnapshot, LoadTracker
 from ladle.engine.outputs import RequestOutput
-from ladle.engine.request import GenerateRequest
+from ladle.engine.request import GenerateRequest, output_budget
 from ladle.errors import InvalidRequestError
 from ladle.sample.params import SamplingParams
 
@@ -243,9 +243,8 @@ class AsyncEngine:
 
     def _expected_outputs(self, request: GenerateRequest) -> tuple[int, ...]:
         """Output tokens each sample of a request not yet in the scheduler is expected to need."""
-        room = self.engine.max_model_len - len(request.prompt_token_ids)
         p = request.params
-        budget = room if p.max_tokens is None else min(p.max_tokens, room)
+        budget = output_budget(p.max_tokens, len(request.prompt_token_ids), self.engine.max_model_len)
         return (self.load_tracker.expected_left(budget, 0, p.ignore_eos),) * p.n
 
     # -- on the ComputeLoop's thread ---------------------------------------------------------------

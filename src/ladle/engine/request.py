@@ -22,6 +22,12 @@ class FinishReason(str, enum.Enum):
     TIMEOUT = "timeout"  # still waiting at its queue deadline: never started, never served late
 
 
+def output_budget(max_tokens: int | None, prompt_len: int, max_total_tokens: int) -> int:
+    """Output tokens allowed: max_tokens (None: no limit), cut to what fits in the context."""
+    room = max_total_tokens - prompt_len
+    return room if max_tokens is None else min(max_tokens, room)
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
     """What a caller asks to generate, as one value: the server builds it, the router, an endpoint
@@ -92,5 +98,4 @@ class Request:
     @property
     def max_output_tokens(self) -> int:
         """Output tokens allowed: max_tokens, cut to what fits in the context."""
-        room = self.max_total_tokens - len(self.prompt_token_ids)
-        return room if self.params.max_tokens is None else min(self.params.max_tokens, room)
+        return output_budget(self.params.max_tokens, len(self.prompt_token_ids), self.max_total_tokens)
