@@ -149,6 +149,14 @@ def open_stream(server, path: str, body: dict, headers=None):
     return conn, resp
 
 
+def send_request(server, path: str, body: dict):
+    """A request sent, its response not read (a stream's headers wait for its first token): the
+    connection, to close (which cancels it)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    return conn
+
+
 def read_events(resp, count: int) -> list[str]:
     events = []
     while len(events) < count:

@@ -11,13 +11,17 @@ from helpers import free_port, run_ladle
 from ladle.bench.burst import Outcome, summarize
 
 
-def test_the_summary_counts_outcomes_and_percentiles_of_the_requests_answered_at_once():
+def test_the_summary_counts_outcomes_and_percentiles_of_every_served_request():
     outcomes = [Outcome(0.0, "served", "big", 0.5), Outcome(0.1, "degraded", "small", 1.0),
-                Outcome(0.2, "retried-ok", "big", None, 2, [3]), Outcome(0.3, "served", "big", 3.0)]  # fmt: skip
+                Outcome(0.2, "retried-ok", "big", 0.2, 2, [3], [1.5]), Outcome(0.3, "served", "big", 3.0),
+                Outcome(0.4, "retried-rejected", None, None, 2, [1, 2], [0.1, 0.3])]  # fmt: skip
     s = summarize(outcomes, target_s=2.0)
-    assert s["counts"] == {"served": 2, "degraded": 1, "retried-ok": 1} and s["requests"] == 4
-    assert s["ttft_ms"] == {"p50": 1000.0, "p95": 3000.0, "p99": 3000.0}
-    assert s["share_over_1.2x_target"] == pytest.approx(1 / 3, abs=1e-4) and s["retry_after_s"] == [3]
+    assert s["counts"] == {"served": 2, "degraded": 1, "retried-ok": 1, "retried-rejected": 1} and s["requests"] == 5
+    assert s["ttft_ms"] == {"p50": 1000.0, "p95": 3000.0, "p99": 3000.0}  # answered at the first try
+    assert s["ttft_ms_retried_ok"] == {"p50": 200.0, "p95": 200.0, "p99": 200.0}
+    assert s["share_over_1.2x_target"] == pytest.approx(1 / 4, abs=1e-4) and s["max_ttft_ms"] == 3000.0
+    assert s["rejected_in_ms"] == {"p50": 300.0, "p95": 1500.0, "p99": 1500.0, "max": 1500.0}
+    assert s["retry_after_s"] == [1, 2, 3]
 
 
 @pytest.mark.slow

@@ -108,6 +108,8 @@ def test_predictions_grow_with_the_backlog_and_a_full_batch():
     together = LoadSnapshot(**{**base.__dict__, "num_running": 4, "running_left": (30,) * 4})
     assert together.slot_wait_s() == pytest.approx(30 * (0.01 + 0.001 * 4))
     assert LoadSnapshot(**{**together.__dict__, "num_running": 3, "running_left": (30,) * 3}).slot_wait_s() == 0
+    slow = LoadSnapshot(**{**together.__dict__, "step_period_s": 0.5})  # steps measured slower than the fit
+    assert slow.slot_wait_s() == pytest.approx(30 * 0.5)
     queued = LoadSnapshot(**{**together.__dict__, "num_waiting": 2})  # two not in the scheduler yet: 30 each
     assert queued.slot_wait_s() == pytest.approx(30 * (0.01 + 0.001 * 4))  # two slots of four taken again
     assert base.predict_tpot_s() == pytest.approx(0.01 + 0.001 * 3)

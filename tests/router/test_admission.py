@@ -23,6 +23,17 @@ def test_a_request_that_fits_its_ttft_target_is_admitted_with_the_prediction():
     assert v.ok and v.predicted_ttft_s == pytest.approx(0.01 + 0.052) and "within TTFT target 500 ms" in v.reason
 
 
+def test_a_request_admitted_against_a_ttft_target_must_start_before_the_target_less_its_prefill():
+    v = judge(entry(targets=LatencyTargets(ttft_ms=500)), LOAD, 0, 50, CFG)
+    assert v.start_within_s == pytest.approx(0.5 - (0.01 + 0.001 * (3 + 50)))  # its prefill beside a full batch
+    slow = LoadSnapshot(**{**LOAD.__dict__, "step_period_s": 0.2})  # the steps come slower than the fit says
+    assert judge(entry(targets=LatencyTargets(ttft_ms=500)), slow, 0, 50, CFG).start_within_s == pytest.approx(0.3)
+    assert judge(entry(targets=LatencyTargets(ttft_ms=500)), LoadSnapshot(), 0, 50, CFG).start_within_s == 0.5
+    assert judge(entry(), LOAD, 0, 50, CFG).start_within_s is None  # no target: no start-by
+    off = AdmissionConfig(enabled=False)
+    assert judge(entry(targets=LatencyTargets(ttft_ms=500)), LOAD, 0, 50, off).start_within_s is None
+
+
 def test_a_backlog_that_breaks_the_target_is_refused_with_its_excess():
     loaded = LoadSnapshot(**{**LOAD.__dict__, "backlog_tokens": 4900})  # 50 steps of prompt ahead
     v = judge(entry(targets=LatencyTargets(ttft_ms=500)), loaded, 3, 50, CFG)

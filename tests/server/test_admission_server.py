@@ -1,10 +1,10 @@
 """Admission in a running server, made deterministic by holding each model's only slot with a
 stream that never ends: a full queue degrades to the `degrade_to` model, then answers 429 with
-Retry-After; a request still queued at its deadline fails with a clear error, never late."""
+Retry-After; a request still queued at its deadline (its queue timeout, or the start-by of its
+TTFT target) fails with a clear error, never late."""
 
 from __future__ import annotations
 
-import json
 import threading
 
 import pytest
@@ -26,7 +26,8 @@ def server(tiny_models, tmp_path_factory):
     # it leaves the queue bounds in requests to decide, which is what these tests are about
     config = {"admission": {"max_queue_wait_s": 10**7},
               "models": [{"name": "big", "model": str(big), "degrade_to": "small", **common},
-                         {"name": "small", "model": str(small), **common}]}  # fmt: skip
+                         {"name": "small", "model": str(small), **common},
+                         {"name": "timed", "model": str(small), "targets": {"ttft_ms": 3000}, **common}]}  # fmt: skip
     (tmp / "ladle.yaml").write_text(yaml.safe_dump(config))
     s = ServerProcess("--config", str(tmp / "ladle.yaml"))
     yield s
@@ -76,12 +77,35 @@ def test_a_request_still_queued_at_its_deadline_fails_clearly(server):
         assert status == 503 and resp["error"]["code"] == "queue_timeout"
         assert "waited 0.2 s in the queue without starting" in resp["error"]["message"]
         messages = [{"role": "user", "content": "late"}]
-        chat = {"model": "big", "messages": messages, "max_tokens": 3, "queue_timeout": 0.2}
-        conn, stream = open_stream(server, "/v1/chat/completions", chat)
-        events = read_events(stream, 3)
-        errors = [json.loads(e) for e in events if e.startswith("{") and "error" in json.loads(e)]
-        assert errors and errors[0]["error"]["code"] == "queue_timeout" and events[-1] == "[DONE]"
-        conn.close()
+        chat = {"model": "big", "messages": messages, "max_tokens": 3, "queue_timeout": 0.2, "stream": True}
+        status, headers, resp = server.request("POST", "/v1/chat/completions", chat)  # a stream's headers
+        assert status == 503 and resp["error"]["code"] == "queue_timeout"  # wait for its first token
         assert server.metric("ladle_router_requests_total", model_name="big", outcome="timed_out") == 2
+    finally:
+        hold[0].close()
+
+
+def test_a_request_the_prediction_misjudged_is_refused_at_its_start_by_never_served_late(server):
+    """`timed` has a TTFT target. Requests that stopped after one token make the predictor expect
+    the same of a stream that cannot stop (EOS biased away): the next request is admitted, then
+    dropped from the queue when its target's start-by passes, and answered 429 with Retry-After,
+    streamed or not; the stream that holds the slot goes on."""
+    forced = {"model": "timed", "prompt": "one", "max_tokens": 8, "logit_bias": {"7": 100}, "stop_token_ids": [7]}
+    for _ in range(2):
+        status, _, body = server.request("POST", "/v1/completions", forced)
+        assert status == 200 and body["choices"][0]["finish_reason"] == "stop"
+    hold = open_stream(server, "/v1/completions", {"model": "timed", "prompt": "on", "max_tokens": 16000,
+                                                   "logit_bias": {"2": -100}})  # fmt: skip
+    read_events(hold[1], 2)
+    try:
+        late = {"model": "timed", "prompt": "late", "max_tokens": 3}
+        for body in (late, {**late, "stream": True}):
+            status, headers, resp = server.request("POST", "/v1/completions", body)
+            assert status == 429 and resp["error"]["code"] == "rate_limit_exceeded", resp
+            assert "could not start the request in time for its TTFT target of 3000 ms" in resp["error"]["message"]
+            assert int(headers["retry-after"]) >= 1
+        assert server.metric("ladle_router_requests_total", model_name="timed", outcome="served") == 5
+        assert server.metric("ladle_router_requests_total", model_name="timed", outcome="timed_out") == 2
+        assert len(read_events(hold[1], 3)) == 3  # still streaming
     finally:
         hold[0].close()

@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from helpers import ServerProcess, long_context_copy, open_stream, read_events, wait_for_metric
+from helpers import ServerProcess, long_context_copy, open_stream, read_events, send_request, wait_for_metric
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,8 @@ def servers(tiny_models, tmp_path_factory):
     broken = tmp / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 64)
     local = long_context_copy(tiny_models["llama"].hf_dir, tmp / "local", 16384)
-    config = {
+    config = {  # a queue-wait bound beyond the endless stream's predicted wait: the queue bound decides
+        "admission": {"max_queue_wait_s": 10**7},
         "upstreams": [{"name": "peer", "url": f"{upstream.url}/v1", "model": "remote", "api_key": "upstream-key"}],
         "models": [
             {"name": "local", "model": str(local), "dtype": "float32", "kv_cache_memory_gib": 0.05, "max_num_seqs": 1,
@@ -54,7 +55,9 @@ def test_a_full_local_queue_falls_back_streaming_and_not(servers):
     hold = open_stream(server, "/v1/completions", {"model": "local", "prompt": "x", "max_tokens": 16000,
                                                    "ignore_eos": True})  # fmt: skip
     read_events(hold[1], 2)
-    waiting = open_stream(server, "/v1/completions", {"model": "local", "prompt": "y", "max_tokens": 2})
+    waiting = send_request(
+        server, "/v1/completions", {"model": "local", "prompt": "y", "max_tokens": 2, "stream": True}
+    )
     try:
         wait_for_metric(server, "ladle_num_requests_waiting", 1, model_name="local")
         chat = {"model": "local", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "ignore_eos": True}
@@ -77,4 +80,4 @@ def test_a_full_local_queue_falls_back_streaming_and_not(servers):
         assert server.metric("ladle_generation_tokens_total", model_name="peer") == 5 + 4 + 4 + 3
     finally:
         hold[0].close()
-        waiting[0].close()
+        waiting.close()

@@ -126,12 +126,14 @@ def test_prompt_over_the_context_names_both_numbers(guarded_server):
 def test_full_queue_gets_429_with_retry_after(tiny_models, tmp_path):
     """One request runs (max-num-seqs 1), two may wait: the next is turned away at once, with
     Retry-After; the waiting ones are served once the slot frees. Deterministic: the slot is held
-    by a stream that does not end, and the queue is awaited, not timed."""
+    by a stream that does not end, and the queue is awaited, not timed (a queue-wait bound beyond
+    that stream's predicted wait leaves the queue bound to decide)."""
     from helpers import ServerProcess, long_context_copy, open_stream, read_events, wait_for_metric
 
     model = long_context_copy(tiny_models["llama"].hf_dir, tmp_path / "long", 16384)
     server = ServerProcess("--model", str(model), "--dtype", "float32", "--kv-cache-memory", "0.05",
-                           "--max-num-seqs", "1", "--max-waiting-requests", "2")  # fmt: skip
+                           "--max-num-seqs", "1", "--max-waiting-requests", "2",
+                           "--max-queue-wait", "1e7")  # fmt: skip  # the endless stream's predicted wait is admitted
     try:
         hold = open_stream(server, "/v1/completions", {"prompt": "go", "max_tokens": 16000, "ignore_eos": True})
         read_events(hold[1], 2)

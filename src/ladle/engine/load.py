@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 DECAY = 0.97  # weight of the past at each new step (about the last 30 steps count)
+PERIOD_DECAY = 0.7  # the step period follows within a few steps (a burst changes it in a second)
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class LoadSnapshot:
     step_per_token_s: float = 0.0  # fitted step time per computed token
     period_ratio: float = 1.0  # time between this engine's steps over its own step time
     finished_per_s: float = 0.0  # requests finishing per second while busy
+    step_period_s: float = 0.0  # recent time between this engine's steps while busy (others' steps included)
     running_left: tuple[int, ...] = ()  # decode steps each running request is expected to need still
     waiting_outputs: tuple[int, ...] = ()  # expected output tokens of the waiting ones, in queue order
 
@@ -46,10 +48,22 @@ class LoadSnapshot:
     def predict_ttft_s(self, prompt_tokens: int) -> float:
         """A new request's time to first token: the prompt tokens ahead of it and its own, at the
         budget left beside the running decodes, plus the wait for a free slot if all are taken."""
-        tokens = self.backlog_tokens + prompt_tokens
+        return self.prefill_s(self.backlog_tokens + prompt_tokens, self.num_running) + self.slot_wait_s()
+
+    def prefill_s(self, tokens: int, num_running: int) -> float:
+        """Time to compute `tokens` of prompt beside num_running decodes."""
         steps = max(1, math.ceil(tokens / self.prefill_tokens_per_step))
-        per_step = min(self.max_num_batched_tokens, self.num_running + math.ceil(tokens / steps))
-        return steps * self.step_s(per_step) + self.slot_wait_s()
+        per_step = min(self.max_num_batched_tokens, num_running + math.ceil(tokens / steps))
+        return steps * self.step_s(per_step)
+
+    def start_within_s(self, bound_s: float, prompt_tokens: int) -> float:
+        """How soon a request must start computing to see its first token within bound_s: the
+        bound less its own prefill, beside a full batch, at the slower of the fit and the recent
+        period (a request the prediction misjudged waits in the queue past this; it is not served
+        late but dropped, the bound is kept)."""
+        own = self.prefill_s(prompt_tokens, self.max_num_seqs - 1)
+        steps = max(1, math.ceil(prompt_tokens / self.prefill_tokens_per_step))
+        return bound_s - max(own, steps * self.step_period_s)
 
     def slot_wait_s(self) -> float:
         """How long a request queued behind every waiting one waits for a free slot: the running
@@ -65,7 +79,9 @@ class LoadSnapshot:
         slots = sorted([*self.running_left, *[0] * max(0, self.max_num_seqs - len(self.running_left))])
         for out in queue:  # a sorted list is a heap
             heapq.heapreplace(slots, slots[0] + out)
-        return slots[0] * self.step_s(self.max_num_seqs)
+        # at a full batch; the recent period where it is longer (a full batch's steps carry the
+        # newcomers' prefill chunks, and other engines on the loop step in between)
+        return slots[0] * max(self.step_s(self.max_num_seqs), self.step_period_s)
 
     def predict_tpot_s(self) -> float:
         """Time per output token once one more request decodes beside the running ones."""
@@ -85,6 +101,7 @@ class LoadTracker:
         self._budget, self._seqs = max_num_batched_tokens, max_num_seqs
         self._s = [0.0] * 5  # weighted sums: n, x, y, xx, xy (x tokens, y seconds)
         self._ratio = 1.0
+        self._period_s = 0.0
         self._finished_per_s = 0.0
         self.natural_output_tokens: float | None = None  # mean length of requests that stopped on their own
         self._last_start_s: float | None = None
@@ -99,6 +116,7 @@ class LoadTracker:
             period = started_s - self._last_start_s
             ratio = max(1.0, period / max(self._last_duration_s, 1e-6))
             self._ratio = DECAY * self._ratio + (1 - DECAY) * ratio
+            self._period_s = PERIOD_DECAY * self._period_s + (1 - PERIOD_DECAY) * period
             rate = num_finished / max(period, 1e-6)
             self._finished_per_s = DECAY * self._finished_per_s + (1 - DECAY) * rate
         self._last_start_s, self._last_duration_s = started_s, duration
@@ -125,7 +143,7 @@ class LoadTracker:
         base, per_token = self._fit()
         self.snapshot = LoadSnapshot(
             num_running, num_waiting, backlog_tokens, self._budget, self._seqs, base, per_token,
-            self._ratio, self._finished_per_s, running_left, waiting_outputs,
+            self._ratio, self._finished_per_s, self._period_s, running_left, waiting_outputs,
         )  # fmt: skip
         return self.snapshot
 

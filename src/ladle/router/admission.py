@@ -5,6 +5,10 @@ request's TTFT is predicted, and its TPOT at the batch it would join. The bound 
 TTFT target (P95 goal) or, without one, `max_queue_wait_s`; the TPOT target where one is set; and
 always the per-model queue bounds (requests and prompt tokens). A verdict that breaks a bound
 says by how much, in seconds of backlog at the measured drain rate: the Retry-After.
+
+A request admitted against a TTFT target is given the time by which it must start computing (the
+target less its own prefill): one the prediction misjudged is dropped from the queue then and
+answered 429 with Retry-After, never served late.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class Verdict:
     excess_s: float = 0.0  # how long until it would fit (the backlog over the bound, drained at the measured rate)
     predicted_ttft_s: float | None = None
     predicted_tpot_s: float | None = None
+    start_within_s: float | None = None  # where a TTFT target holds: it must start computing this soon
 
 
 def judge(entry: ModelEntry, load: LoadSnapshot | None, num_waiting: int, prompt_tokens: int,
@@ -35,8 +40,11 @@ def judge(entry: ModelEntry, load: LoadSnapshot | None, num_waiting: int, prompt
         rate = load.drain_tokens_per_s
         return Verdict(False, f"{load.backlog_tokens} prompt tokens are already waiting "
                        f"(limit {entry.max_waiting_prompt_tokens})", excess / rate if rate > 0 else 0.0)  # fmt: skip
-    if not cfg.enabled or load is None or not load.is_measured:
-        return Verdict(True, "admitted (nothing measured yet)" if cfg.enabled else "admission off")
+    if not cfg.enabled:
+        return Verdict(True, "admission off")
+    if load is None or not load.is_measured:
+        target = entry.targets.ttft_ms
+        return Verdict(True, "admitted (nothing measured yet)", start_within_s=target / 1e3 if target else None)
     ttft, tpot = load.predict_ttft_s(prompt_tokens), load.predict_tpot_s()
     targets = entry.targets
     bound_s = targets.ttft_ms / 1e3 if targets.ttft_ms is not None else cfg.max_queue_wait_s
@@ -47,7 +55,9 @@ def judge(entry: ModelEntry, load: LoadSnapshot | None, num_waiting: int, prompt
     if targets.tpot_ms is not None and tpot > targets.tpot_ms / 1e3:
         return Verdict(False, f"predicted TPOT {tpot * 1e3:.0f} ms > TPOT target {targets.tpot_ms:.0f} ms",
                        _slots_excess(load, 1), ttft, tpot)  # fmt: skip
-    return Verdict(True, f"predicted TTFT {ttft * 1e3:.0f} ms within {what} {bound_s * 1e3:.0f} ms", 0.0, ttft, tpot)
+    start_within_s = load.start_within_s(bound_s, prompt_tokens) if targets.ttft_ms is not None else None
+    return Verdict(True, f"predicted TTFT {ttft * 1e3:.0f} ms within {what} {bound_s * 1e3:.0f} ms", 0.0, ttft, tpot,
+                   start_within_s)  # fmt: skip
 
 
 def _slots_excess(load: LoadSnapshot | None, num_requests: int) -> float:

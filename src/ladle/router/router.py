@@ -39,6 +39,7 @@ class Route:
     requested: str | None  # the name the request gave
     reason: str  # why this endpoint, for X-Ladle-Route-Reason
     outcome: str = "served"  # served, degraded, fell_back
+    start_within_s: float | None = None  # the request must start computing this soon (its TTFT target)
 
     @property
     def name(self) -> str:
@@ -87,12 +88,12 @@ class Router:
             return Route(endpoint, requested, reason, outcome="fell_back")
         first = self._judge(endpoint, prompt_tokens)
         if first.ok:
-            return Route(endpoint, requested, reason)
+            return Route(endpoint, requested, reason, start_within_s=first.start_within_s)
         for smaller in self._degrade_chain(endpoint):
             verdict = self._judge(smaller, prompt_tokens)
             if verdict.ok:
                 why = f"degraded from {endpoint.name}: {first.reason}"
-                return Route(smaller, requested, why, outcome="degraded")
+                return Route(smaller, requested, why, "degraded", verdict.start_within_s)
         upstream = self._fallback(endpoint)
         if upstream is not None:
             return Route(upstream, requested, f"fell back to upstream {upstream.name}: {first.reason}", "fell_back")
@@ -101,6 +102,11 @@ class Router:
             f"the model `{endpoint.name}` is overloaded: {first.reason}; retry after the delay given in Retry-After",
             retry_after_s(first, self.config.admission),
         )
+
+    def retry_after(self, endpoint: LocalLLM, prompt_tokens: int) -> int:
+        """Retry-After for a request of prompt_tokens the model could not start in time: the
+        excess at the model's load now (the bound's minimum where it fits again)."""
+        return retry_after_s(self._judge(endpoint, prompt_tokens), self.config.admission)
 
     def _judge(self, endpoint: LocalLLM, prompt_tokens: int) -> Verdict:
         return judge(endpoint.entry, endpoint.load(), endpoint.num_waiting, prompt_tokens, self.config.admission)

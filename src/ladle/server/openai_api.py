@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -88,6 +88,10 @@ class Generation:
         self.route = route
         self.queue_timeout_s = queue_timeout_s
         self.model = route.name  # the model that answers, for metrics and the response
+        # admitted against a TTFT target: not started by then, a job is dropped (429), not served late
+        self.start_by_s = time.monotonic() + route.start_within_s if route.start_within_s is not None else None
+        if self.start_by_s is not None:
+            jobs = [replace(j, deadline_s=min(self.start_by_s, j.deadline_s or self.start_by_s)) for j in jobs]
         self.jobs = jobs
         self.n = n
         self.usage = Usage(prompt_tokens=sum(len(j.prompt_token_ids) for j in jobs))
@@ -96,8 +100,43 @@ class Generation:
         # jobs, though they reach the engine only once the response starts
         for job in jobs:
             route.endpoint.reserve(job)
+        self._first: tuple[int, RequestOutput] | None = None  # what start() waited for
+        self._rest: AsyncIterator[tuple[int, RequestOutput]] | None = None
+
+    async def start(self, request: Request) -> None:
+        """Wait for the first output before a stream's headers go, so that what ends a request
+        before any token (a queue timeout, a drop at its start-by) is still an HTTP status; a
+        client that leaves meanwhile aborts the jobs (ClientDisconnected)."""
+        self._rest = self._merged()
+        first = asyncio.ensure_future(anext(self._rest))
+        watcher = asyncio.create_task(_until_disconnected(request))
+        try:
+            await asyncio.wait({first, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not first.done():
+                first.cancel()  # cancelling the jobs aborts them in the engine
+                await asyncio.wait({first})
+        try:
+            if first.cancelled():
+                raise ClientDisconnected
+            self._first = first.result()
+        except StopAsyncIteration:
+            pass
+        except BaseException:
+            self.finish()
+            raise
 
     async def deltas(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every job's deltas, merged (after start(): the first one it waited for, then the rest)."""
+        if self._rest is None:
+            self._rest = self._merged()
+        elif self._first is not None:
+            yield self._first
+        async for item in self._rest:
+            yield item
+
+    async def _merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         if len(self.jobs) == 1:
             async for out in self._job(0):
                 yield out
@@ -139,6 +178,8 @@ class Generation:
             async for out in endpoint.generate(job):
                 if out.finish_reason == "timeout":
                     metrics.observe_outcome(self.model, "timed_out")
+                    if job.deadline_s == self.start_by_s:  # its target's start-by came first
+                        raise self._late(job)
                     raise QueueTimeout(self.queue_timeout_s)
                 now = time.monotonic()
                 if out.new_token_ids and out.num_output_tokens > len(out.new_token_ids):
@@ -154,6 +195,18 @@ class Generation:
         finally:
             for _ in range(job.params.n - num_finished):  # the client left: its samples were aborted
                 metrics.observe_sample(self.model, None, 0, "abort")
+
+    def _late(self, job: GenerateRequest) -> APIError:
+        endpoint = self.route.endpoint
+        retry = self.state.router.retry_after(endpoint, len(job.prompt_token_ids))
+        return APIError(
+            429,
+            f"the model `{endpoint.name}` could not start the request in time for its TTFT target of "
+            f"{endpoint.entry.targets.ttft_ms:g} ms (the queue ahead took longer than predicted); retry after "
+            "the delay given in Retry-After",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(retry)},
+        )
 
     def finish(self) -> None:
         self.usage.cached_tokens = sum(self._cached.values())
@@ -322,6 +375,7 @@ async def completions(request: Request) -> Response:
     echo = [tok.decode(ids, skip_special_tokens=False) if body.echo else "" for ids in prompts]
     num_choices = len(jobs) * body.n
     if body.stream:
+        await gen.start(request)
         return StreamingResponse(
             _completion_stream(gen, rid, created, gen.model, echo, body.include_usage, tok),
             media_type="text/event-stream",
@@ -453,6 +507,7 @@ async def chat_completions(request: Request) -> Response:
     created = int(time.time())
     gen = Generation(state, route, jobs, body.n, timeout_s)
     if body.stream:
+        await gen.start(request)
         return StreamingResponse(
             _chat_stream(gen, rid, created, gen.model, body.include_usage, tok),
             media_type="text/event-stream",
