@@ -14,6 +14,23 @@ MAX_LOGIT_BIAS = 100.0  # |bias| bound, as in OpenAI's API
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on a request's output text, enforced token by token by a grammar engine
+    (llguidance): the output matches it. Hashable, so compiled grammars are cached by it."""
+
+    kind: str  # "json" (a JSON schema), "json_object" (any JSON object), "regex", "choice", "grammar"
+    spec: str = ""  # json: the schema as JSON text; regex: the pattern; choice: a JSON list of strings;
+    # grammar: a Lark grammar as llguidance reads it (GBNF is converted), `%json {...}` rules included
+
+    KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+    def __post_init__(self):
+        if self.kind not in self.KINDS:
+            raise InvalidRequestError(f"structured output kind must be one of {', '.join(self.KINDS)}, got "
+                                      f"{self.kind!r}", param="structured_outputs")  # fmt: skip
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     n: int = 1  # independent samples of the same prompt
     temperature: float = 1.0  # 0 = greedy
@@ -34,6 +51,7 @@ class SamplingParams:
     logprobs: int | None = None  # None = none; k = the chosen token's logprob plus the k best
     skip_special_tokens: bool = True  # leave control tokens out of the text
     speculative: bool = True  # False: never speculate for this request (when the server does)
+    structured: StructuredOutput | None = None  # the output must match this (JSON schema, regex, ...)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
