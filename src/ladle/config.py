@@ -11,6 +11,7 @@ INLINE = {"inline": True}  # a config file gives this field's own fields in the 
 
 POLICIES = ("fcfs", "priority")
 QUANTIZATION_METHODS = ("none", "int8", "int4", "from-gguf", "w8a8")  # ladle.model.quant implements them
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")  # ladle.server.tool_parsers implements them
 
 
 def check_quantization(method: str) -> str:
@@ -142,6 +143,7 @@ class ModelEntry:
     load_at_start: bool = True  # loaded when the server starts (else on the first request)
     max_waiting_requests: int = 256  # requests queued for it beyond this get 429
     max_waiting_prompt_tokens: int = 1 << 20  # prompt tokens queued for it beyond this get 429
+    tool_call_parser: str = "auto"  # how its output's tool calls read: TOOL_CALL_PARSERS (auto: from the template)
 
     def __post_init__(self):
         if not self.name:
@@ -152,6 +154,10 @@ class ModelEntry:
             raise LadleError(f"max_waiting_prompt_tokens must be at least 1, got {self.max_waiting_prompt_tokens}")
         if self.idle_unload_s is not None and self.idle_unload_s <= 0:
             raise LadleError(f"idle_unload_s must be positive, got {self.idle_unload_s}")
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise LadleError(
+                f"unknown tool call parser {self.tool_call_parser!r} (choose {', '.join(TOOL_CALL_PARSERS)})"
+            )
         if self.degrade_to == self.name:
             raise LadleError(f"model {self.name!r} cannot degrade to itself")
 
