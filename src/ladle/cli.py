@@ -16,6 +16,7 @@ from ladle import __version__
 from ladle.config import (
     POLICIES,
     QUANTIZATION_METHODS,
+    TOOL_CALL_PARSERS,
     AdmissionConfig,
     CacheConfig,
     LatencyTargets,
@@ -264,6 +265,12 @@ def _add_serve_args(srv: argparse.ArgumentParser) -> None:
         default=d.drain_timeout_s,
         metavar="S",
         help=f"on SIGTERM, seconds in-flight requests may still run before they are aborted ({d.drain_timeout_s:g})",
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        default=e.tool_call_parser,
+        choices=TOOL_CALL_PARSERS,
+        help="how the model writes tool calls (auto: from its chat template; hermes where it shows none)",
     )
     g.add_argument("--no-warmup", action="store_true", help="skip the warm-up passes before /ready")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -569,6 +576,7 @@ def _config_from_flags(args: argparse.Namespace, defaults: dict):
         engine=_engine_config(args),
         targets=LatencyTargets(ttft_ms=args.ttft_target_ms, tpot_ms=args.tpot_target_ms),
         max_waiting_requests=args.max_waiting_requests,
+        tool_call_parser=args.tool_call_parser,
     )
     admission = AdmissionConfig(
         enabled=not args.no_admission, max_queue_wait_s=args.max_queue_wait, queue_timeout_s=args.queue_timeout

@@ -28,6 +28,8 @@ from ladle.sample.params import SamplingParams
 from ladle.server.errors import APIError, ClientDisconnected, from_ladle_error, from_validation_error
 from ladle.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from ladle.server.state import ServerState
+from ladle.server.tool_parsers import StreamingToolExtractor, ToolCallDelta, new_call_id
+from ladle.server.tools import ToolPlan
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -476,8 +478,18 @@ def _completion_logprobs(tok, items, text_offset: int) -> dict:
 # -- /v1/chat/completions -------------------------------------------------------------------------
 
 
-async def chat_completions(request: Request) -> Response:
-    body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
+@dataclass
+class ChatRun:
+    """A chat request admitted: its jobs under way, and how their output reads."""
+
+    gen: Generation
+    tok: object  # the answering model's tokenizer
+    tools: ToolPlan  # the request's tools for that model (none offered: reads no calls)
+
+
+async def start_chat(request: Request, body: ChatCompletionRequest, proxy_path: str | None) -> ChatRun | Response:
+    """Route, render, admit and start a chat request (shared by the OpenAI and Anthropic APIs).
+    A model that answers through an upstream is proxied at proxy_path (None: refused)."""
     text = "\n".join(m.content if isinstance(m.content, str) else "" for m in body.messages)
     state, pick = await _prepare(request, body, Features(text, len(body.messages), body.output_limit))
     endpoint = pick.endpoint
@@ -485,31 +497,51 @@ async def chat_completions(request: Request) -> Response:
     timeout_s = _queue_timeout_s(state, body)
 
     def prepared(ep):  # the conversation in this endpoint's chat template and tokens, as one job
+        template = ep.tokenizer.chat_template.source if ep.tokenizer.chat_template else None
+        plan = ToolPlan.build(body.tools, body.tool_choice, body.parallel_tool_calls, ep.entry.tool_call_parser,
+                              template)  # fmt: skip
         try:
-            messages = [m.as_template_dict() for m in body.messages]
+            messages, variables = plan.render([m.as_template_dict() for m in body.messages])
             prompt = ep.tokenizer.encode_chat(
-                messages, add_generation_prompt=body.add_generation_prompt, **(body.chat_template_kwargs or {})
+                messages,
+                add_generation_prompt=body.add_generation_prompt,
+                **{**(body.chat_template_kwargs or {}), **variables},
             )
         except InvalidRequestError as e:
             raise from_ladle_error(e) from None
-        return _jobs(ep, [prompt], params, body, timeout_s)
+        ep_params = replace(params, structured=plan.structured() or params.structured)
+        return _jobs(ep, [prompt], ep_params, body, timeout_s), plan
+
+    def upstream(route):
+        if proxy_path is None:
+            message = (f"the model `{route.name}` is answering through an OpenAI-compatible upstream, which this "
+                       "API cannot reach: retry later, or use /v1/chat/completions")  # fmt: skip
+            raise APIError(503, message, code="upstream_only")
+        return _proxy(request, state, route, proxy_path)
 
     if isinstance(endpoint, Upstream):
-        return await _proxy(request, state, _admit(request, state, pick, []), "chat/completions")
-    jobs = prepared(endpoint)
+        return await upstream(_admit(request, state, pick, []))
+    jobs, plan = prepared(endpoint)
     route = _admit(request, state, pick, jobs)
     if isinstance(route.endpoint, Upstream):
-        return await _proxy(request, state, route, "chat/completions")
+        return await upstream(route)
     if route.endpoint is not endpoint:
-        jobs = prepared(route.endpoint)
-    tok = route.endpoint.tokenizer
+        jobs, plan = prepared(route.endpoint)
+    return ChatRun(Generation(state, route, jobs, body.n, timeout_s), route.endpoint.tokenizer, plan)
+
+
+async def chat_completions(request: Request) -> Response:
+    body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
+    run = await start_chat(request, body, "chat/completions")
+    if isinstance(run, Response):
+        return run
+    gen, tok = run.gen, run.tok
     rid = f"chatcmpl-{request.state.request_id}"
     created = int(time.time())
-    gen = Generation(state, route, jobs, body.n, timeout_s)
     if body.stream:
         await gen.start(request)
         return StreamingResponse(
-            _chat_stream(gen, rid, created, gen.model, body.include_usage, tok),
+            _chat_stream(run, rid, created, body.include_usage),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **gen.headers},
         )
@@ -523,9 +555,8 @@ async def chat_completions(request: Request) -> Response:
             "choices": [
                 {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
+                    **_chat_message(run.tools, c),
                     "logprobs": {"content": _chat_logprobs(tok, c.logprobs)} if body.logprobs else None,
-                    "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason,
                 }
                 for c in choices
@@ -536,8 +567,27 @@ async def chat_completions(request: Request) -> Response:
     )
 
 
-async def _chat_stream(gen: Generation, rid, created, model, include_usage, tok):
+def _chat_message(plan: ToolPlan, c: Choice) -> dict:
+    """A finished choice's message (content, tool_calls) and finish_reason."""
+    content, calls = plan.read(c.text)
+    message: dict = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [
+            {"id": new_call_id(), "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            for call in calls
+        ]
+    return {"message": message, "finish_reason": _finish_reason(c.finish_reason, bool(calls))}
+
+
+def _finish_reason(reason: str | None, has_calls: bool) -> str | None:
+    return "tool_calls" if has_calls and reason == "stop" else reason
+
+
+async def _chat_stream(run: ChatRun, rid, created, include_usage):
+    gen, tok, plan = run.gen, run.tok, run.tools
+    model = gen.model
     want_logprobs = gen.jobs[0].params.logprobs is not None
+    extractors = {i: StreamingToolExtractor(plan.parser) for i in range(gen.n)} if plan.is_reading_calls else {}
 
     def chunk(index, delta, finish_reason=None, logprobs=None, stop_reason=None):
         c = {
@@ -566,10 +616,18 @@ async def _chat_stream(gen: Generation, rid, created, model, include_usage, tok)
             logprobs = None
             if want_logprobs and out.logprobs:
                 logprobs = {"content": _chat_logprobs(tok, list(zip(out.new_token_ids, out.logprobs, strict=True)))}
-            if out.new_text or logprobs:
-                yield chunk(index, {"content": out.new_text}, logprobs=logprobs)
+            text, calls = out.new_text, []
+            if index in extractors:
+                text, calls = extractors[index].feed(out.new_text, is_final=out.finished)
+                calls = [d for d in calls if plan.is_parallel or d.index == 0]
+            if text or logprobs:
+                yield chunk(index, {"content": text}, logprobs=logprobs)
+            if calls:
+                yield chunk(index, {"tool_calls": [_call_delta(d) for d in calls]})
             if out.finished:
-                yield chunk(index, {}, finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+                has_calls = index in extractors and extractors[index].num_calls > 0
+                reason = _finish_reason(out.finish_reason, has_calls)
+                yield chunk(index, {}, finish_reason=reason, stop_reason=out.stop_reason)
     except APIError as e:  # after the 200: the error travels as an event
         yield _sse(e.body())
         yield "data: [DONE]\n\n"
@@ -588,6 +646,13 @@ async def _chat_stream(gen: Generation, rid, created, model, include_usage, tok)
             }
         )
     yield "data: [DONE]\n\n"
+
+
+def _call_delta(d: ToolCallDelta) -> dict:
+    """A streamed call's delta in OpenAI's form: index, id, type and name first, then arguments."""
+    function = {"arguments": d.arguments} if d.name is None else {"name": d.name, "arguments": d.arguments}
+    head = {"id": d.id, "type": "function"} if d.id is not None else {}
+    return {"index": d.index, **head, "function": function}
 
 
 def _chat_logprobs(tok, items) -> list[dict]:

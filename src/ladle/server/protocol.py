@@ -141,6 +141,18 @@ class ChatMessage(BaseModel):
         return d
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # strict, ...
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
 class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"] = "text"
 
@@ -152,8 +164,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Any = None  # "none", "auto", "required" or {"type": "function", "function": {"name"}}: see tools.py
+    parallel_tool_calls: bool = True  # false: at most one call per answer
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -163,8 +176,6 @@ class ChatCompletionRequest(SamplingFields):
                 f"response_format type {self.response_format.type!r} is not supported yet "
                 "(structured output comes later): ask for JSON in the prompt instead"
             )
-        if self.tools and self.tool_choice != "none":
-            return "tools", "tool calling is not supported yet: send the request without tools"
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs to be true"
         return None
