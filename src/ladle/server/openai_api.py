@@ -295,6 +295,16 @@ def _sampling(body, max_tokens, logprobs) -> SamplingParams:
         raise from_ladle_error(e) from None
 
 
+async def _ready(endpoint, params: SamplingParams) -> None:
+    """The endpoint prepares what the request needs (its output grammar) before admission. (A
+    model the request degrades to compiles it as the request reaches its engine: no await may
+    come between admission and the reservation.)"""
+    try:
+        await endpoint.prepare(params)
+    except LadleError as e:
+        raise from_ladle_error(e) from None
+
+
 async def _prepare(request: Request, body, features: Features):
     """The server state and the model the request's name reaches (an `auto` router scores it)."""
     state = _state(request)
@@ -362,6 +372,7 @@ async def completions(request: Request) -> Response:
 
     if isinstance(endpoint, Upstream):  # the model is failing: its fallback answers
         return await _proxy(request, state, _admit(request, state, pick, []), "completions")
+    await _ready(endpoint, params)
     prompts, jobs = prepared(endpoint)
     route = _admit(request, state, pick, jobs)
     if isinstance(route.endpoint, Upstream):
@@ -496,6 +507,7 @@ async def chat_completions(request: Request) -> Response:
 
     if isinstance(endpoint, Upstream):
         return await _proxy(request, state, _admit(request, state, pick, []), "chat/completions")
+    await _ready(endpoint, params)
     jobs = prepared(endpoint)
     route = _admit(request, state, pick, jobs)
     if isinstance(route.endpoint, Upstream):
