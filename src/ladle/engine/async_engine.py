@@ -173,6 +173,11 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._put(_Abort(request_id))
 
+    async def compile_grammar(self, structured) -> None:
+        """Compile (or find cached) a request's output constraint on the compiler's own thread, so
+        the loop thread only copies the compiled matcher; raises InvalidRequestError."""
+        await asyncio.wrap_future(self.engine.grammars.compile_async(structured))
+
     async def call(self, fn: Callable[[EngineCore], object]):
         """Run fn(engine) on the loop thread between two steps and return its result: the way for
         a caller to reach the engine's state while the loop drives it."""

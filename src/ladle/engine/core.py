@@ -24,6 +24,7 @@ from ladle.engine.speculative import DraftProposer, NgramProposer, SpeculationPo
 from ladle.errors import InvalidRequestError, LadleError
 from ladle.model.tokenizer import Tokenizer
 from ladle.runner.step import SampleSpec, StepBatch, StepRequest, StepResult, TokenLogprobs
+from ladle.sample.grammar import GrammarCompiler
 from ladle.sample.params import SamplingParams
 
 
@@ -103,6 +104,7 @@ class EngineCore:
         num_blocks: int,
         model_name: str = "",
         info: EngineInfo | None = None,
+        vocab_size: int | None = None,
     ):
         self.config = config
         self.executor = executor  # has execute_step(StepBatch) -> StepResult
@@ -114,6 +116,8 @@ class EngineCore:
             num_blocks, config.cache.block_size, config.cache.enable_prefix_caching, cache_namespace=model_name
         )
         self.scheduler = Scheduler(config.scheduler, self.kv)
+        # constraints compiled for this tokenizer, over the model's logits width
+        self.grammars = GrammarCompiler(tokenizer.backend, vocab_size or tokenizer.vocab_size, tokenizer.stop_token_ids)
         self.groups: dict[str, list[Request]] = {}  # caller's request id → its samples
         self.group_of: dict[str, str] = {}  # internal id → caller's id
         self.index_of: dict[str, int] = {}  # internal id → sample index
@@ -174,6 +178,7 @@ class EngineCore:
         if params.seed is None and not params.is_greedy:
             params = replace(params, seed=self._seeds.getrandbits(62))
         arrival = time.monotonic() if arrival_s is None else arrival_s
+        grammar = self.grammars.compile(params.structured) if params.structured is not None else None
         samples = []
         for i in range(params.n):
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -189,6 +194,7 @@ class EngineCore:
                     arrival_s=arrival,
                     parent_id=samples[0].request_id if i else None,
                     deadline_s=deadline_s,
+                    matcher=grammar.deep_copy() if grammar is not None else None,
                 )
             )
             self.group_of[rid], self.index_of[rid] = request_id, i
@@ -310,6 +316,8 @@ class EngineCore:
             return
         proposals = self.proposer.propose([r for r, _ in chosen], [k for _, k in chosen])
         for (request, _), guesses in zip(chosen, proposals, strict=True):
+            if request.matcher is not None and guesses:  # the grammar's prefix of them: the rest would fail
+                guesses = guesses[: request.matcher.validate_tokens(guesses)]
             request.spec_token_ids = guesses
 
     def _step_request(self, chunk: ScheduledChunk, samples: bool) -> StepRequest:
@@ -324,12 +332,13 @@ class EngineCore:
 
     @staticmethod
     def _sample_spec(r: Request, guesses: list[int]) -> SampleSpec:
-        """How to sample the token after the request's tokens and the given guesses."""
+        """How to sample the token after the request's tokens and the given guesses. A grammar
+        decides where its output may end: min_tokens does not hold its end back."""
         output = r.output_token_ids + guesses if guesses else r.output_token_ids
         suppressed = ()
-        if len(output) < r.params.min_tokens:
+        if len(output) < r.params.min_tokens and r.matcher is None:
             suppressed = tuple(r.params.stop_token_ids) + (() if r.params.ignore_eos else r.eos_token_ids)
-        return SampleSpec(r.params, r.prompt_token_ids, output, suppressed)
+        return SampleSpec(r.params, r.prompt_token_ids, output, suppressed, r.matcher, guesses)
 
     def _on_tokens(
         self, request: Request, tokens: list[int], logprobs: list[TokenLogprobs] | None
@@ -346,9 +355,14 @@ class EngineCore:
             request.output_token_ids.append(token)
             taken += 1
             num_out = len(request.output_token_ids)
+            if request.matcher is not None:
+                request.matcher.consume_token(token)
             if token in params.stop_token_ids or (not params.ignore_eos and token in request.eos_token_ids):
                 stop_token = token if token in params.stop_token_ids else None
                 self._finish(request, FinishReason.STOP, stop_reason=stop_token)
+            elif request.matcher is not None and request.matcher.is_stopped():  # the grammar is complete
+                detok.add_token(token, check_stops=False)
+                self._finish(request, FinishReason.STOP)
             elif detok.add_token(token, check_stops=num_out >= params.min_tokens):
                 self._finish(request, FinishReason.STOP, stop_reason=detok.stop_reason)
             elif num_out >= request.max_output_tokens:

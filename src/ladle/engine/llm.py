@@ -66,7 +66,8 @@ def build_engine(config: EngineConfig, loaded=None, between=None) -> EngineCore:
         weight_bytes=_tensor_bytes(loaded.model) + (_tensor_bytes(draft.model) if draft else 0),
         kv_cache_bytes=blocks * bytes_per_block,
     )
-    return EngineCore(config, runner, loaded.tokenizer, max_len, blocks, loaded.source.name, info)
+    return EngineCore(config, runner, loaded.tokenizer, max_len, blocks, loaded.source.name, info,
+                      loaded.spec.vocab_size)  # fmt: skip
 
 
 def _tensor_bytes(module) -> int:

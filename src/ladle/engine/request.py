@@ -66,6 +66,7 @@ class Request:
     num_forks_pending: int = 0  # samples waiting to share this request's prompt blocks
     spec_token_ids: list[int] = field(default_factory=list)  # guessed next tokens, checked by the next step
     num_draft_computed: int = 0  # leading tokens whose K/V the draft model holds (draft speculation)
+    matcher: object | None = None  # its grammar's state (llguidance), where params.structured constrains it
 
     @property
     def num_tokens(self) -> int:

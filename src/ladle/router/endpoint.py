@@ -72,6 +72,10 @@ class GenerateEndpoint(Endpoint, Protocol):
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
 
+    async def prepare(self, params: SamplingParams) -> None:
+        """Make what the request needs ready off the engine's loop (its output grammar, compiled);
+        raises InvalidRequestError where it cannot be."""
+
     def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]: ...
 
     def abort(self, request_id: str) -> None: ...

@@ -151,6 +151,10 @@ class LocalLLM:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.engine.validate(prompt_token_ids, params)
 
+    async def prepare(self, params: SamplingParams) -> None:
+        if params.structured is not None:
+            await self.engine.compile_grammar(params.structured)
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         engine = self.engine
         self.num_in_flight += 1

@@ -21,13 +21,14 @@ class StructuredOutput:
     kind: str  # "json" (a JSON schema), "json_object" (any JSON object), "regex", "choice", "grammar"
     spec: str = ""  # json: the schema as JSON text; regex: the pattern; choice: a JSON list of strings;
     # grammar: a Lark grammar as llguidance reads it (GBNF is converted), `%json {...}` rules included
+    param: str = field(default="structured_outputs", compare=False)  # the request field it came from
 
     KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
     def __post_init__(self):
         if self.kind not in self.KINDS:
             raise InvalidRequestError(f"structured output kind must be one of {', '.join(self.KINDS)}, got "
-                                      f"{self.kind!r}", param="structured_outputs")  # fmt: skip
+                                      f"{self.kind!r}", param=self.param)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ class SampleSpec:
     prompt_token_ids: list[int]  # for the repetition penalty
     output_token_ids: list[int]  # for the penalties (counts of earlier output)
     suppressed_token_ids: tuple[int, ...] = ()  # stop tokens masked while under min_tokens
+    matcher: object | None = None  # the request's grammar matcher (llguidance), where it is constrained
+    guesses: list[int] = field(default_factory=list)  # speculative guesses ahead of this row, for its mask
 
 
 @dataclass

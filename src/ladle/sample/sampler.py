@@ -1,8 +1,9 @@
 """Batched sampling: one call per step picks the next token of every request that samples.
 
 Order of operations (as in vLLM): logprobs of the raw model distribution are taken first; then
-logit bias, min_tokens suppression, penalties (repetition, frequency, presence); greedy rows take
-the argmax; the others are scaled by temperature, filtered by min_p, top_k and top_p, and drawn.
+logit bias, min_tokens suppression, penalties (repetition, frequency, presence), and the grammar
+mask of constrained rows (sample/grammar.py); greedy rows take the argmax; the others are scaled
+by temperature, filtered by min_p, top_k and top_p, and drawn.
 
 A draw inverts the row's cumulative distribution at one uniform number u: the first token whose
 running sum (in float64) exceeds u times the total; tokens filtered out have p = 0 and are never
@@ -33,6 +34,7 @@ import torch
 from ladle.sample.params import SampleSpec, TokenLogprobs
 
 _MASK64 = (1 << 64) - 1
+_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
 def _mix64(z: int) -> int:
@@ -113,8 +115,14 @@ class Sampler:
         raw_logprobs = None
         if any(s.params.logprobs is not None for s in specs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        if any(s.params.logit_bias or s.suppressed_token_ids or s.params.uses_penalties for s in specs):
+        adjusted = any(s.params.logit_bias or s.suppressed_token_ids or s.params.uses_penalties for s in specs)
+        if adjusted:
             logits = self._adjust(logits.clone(), specs)
+        constrained = [(i, s.matcher, s.guesses) for i, s in enumerate(specs) if s.matcher is not None]
+        if constrained:  # grammar masks, on those rows only (sample/grammar.py)
+            logits = logits if adjusted else logits.clone()
+            masks = fill_masks(constrained, (logits.shape[1] + 31) // 32)
+            apply_masks(logits, [i for i, _, _ in constrained], masks)
         return raw_logprobs, logits
 
     def _adjust(self, logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
@@ -227,3 +235,35 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     p = torch.tensor(top_p, device=device)[:, None]
     sorted_logits = sorted_logits.masked_fill((mass_before >= p) & (ranks > 0), float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+def fill_masks(rows: list[tuple[int, object, list[int]]], num_words: int) -> torch.Tensor:
+    """Bitmasks [len(rows), num_words] int32 for (logits row, matcher, guesses before the row):
+    each row's allowed next tokens in the matcher's state after those guesses. Guesses are
+    consumed for the fill and rolled back; a guess the grammar refuses ends that request's
+    speculation (the rows after it repeat the mask, their draws are never kept)."""
+    masks = torch.empty((len(rows), num_words), dtype=torch.int32)
+    nbytes = num_words * 4
+    for i, (_, matcher, guesses) in enumerate(rows):
+        consumed = 0
+        for g in guesses:  # the state before this row: the guesses ahead of it
+            if matcher.is_stopped() or not matcher.consume_token(g):
+                break
+            consumed += 1
+        if consumed < len(guesses):
+            masks[i] = masks[i - 1] if i else -1  # a refused guess: this row's draw is never kept
+        else:
+            matcher.unsafe_compute_mask_ptr(masks[i].data_ptr(), nbytes)
+        if consumed:
+            matcher.rollback(consumed)
+    return masks
+
+
+def apply_masks(logits: torch.Tensor, rows: list[int], masks: torch.Tensor) -> None:
+    """Disallowed tokens of the given rows to -inf, in place."""
+    vocab = logits.shape[1]
+    bits = ((masks.unsqueeze(-1) >> _SHIFTS) & 1).reshape(len(rows), -1)[:, :vocab]
+    index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+    sub = logits.index_select(0, index)
+    sub.masked_fill_(bits.to(logits.device) == 0, float("-inf"))
+    logits.index_copy_(0, index, sub)

@@ -297,6 +297,16 @@ def _sampling(body, max_tokens, logprobs) -> SamplingParams:
         raise from_ladle_error(e) from None
 
 
+async def _ready(endpoint, params: SamplingParams) -> None:
+    """The endpoint prepares what the request needs (its output grammar) before admission. (A
+    model the request degrades to compiles it as the request reaches its engine: no await may
+    come between admission and the reservation.)"""
+    try:
+        await endpoint.prepare(params)
+    except LadleError as e:
+        raise from_ladle_error(e) from None
+
+
 async def _prepare(request: Request, body, features: Features):
     """The server state and the model the request's name reaches (an `auto` router scores it)."""
     state = _state(request)
@@ -364,6 +374,7 @@ async def completions(request: Request) -> Response:
 
     if isinstance(endpoint, Upstream):  # the model is failing: its fallback answers
         return await _proxy(request, state, _admit(request, state, pick, []), "completions")
+    await _ready(endpoint, params)
     prompts, jobs = prepared(endpoint)
     route = _admit(request, state, pick, jobs)
     if isinstance(route.endpoint, Upstream):
@@ -496,10 +507,17 @@ async def start_chat(request: Request, body: ChatCompletionRequest, proxy_path: 
     params = _sampling(body, body.output_limit, body.logprobs_count)
     timeout_s = _queue_timeout_s(state, body)
 
-    def prepared(ep):  # the conversation in this endpoint's chat template and tokens, as one job
+    def planned(ep):  # the request's tools for this endpoint, and its sampling with their grammar
         template = ep.tokenizer.chat_template.source if ep.tokenizer.chat_template else None
         plan = ToolPlan.build(body.tools, body.tool_choice, body.parallel_tool_calls, ep.entry.tool_call_parser,
                               template)  # fmt: skip
+        grammar = plan.structured()
+        if grammar is not None and params.structured is not None:
+            raise APIError(400, f"tool_choice {body.tool_choice!r} constrains the output to tool calls: it cannot "
+                           f"be combined with {params.structured.param}", param=params.structured.param)  # fmt: skip
+        return plan, replace(params, structured=grammar or params.structured)
+
+    def prepared(ep, plan, ep_params):  # the conversation in this endpoint's chat template and tokens, as one job
         try:
             messages, variables = plan.render([m.as_template_dict() for m in body.messages])
             prompt = ep.tokenizer.encode_chat(
@@ -509,8 +527,7 @@ async def start_chat(request: Request, body: ChatCompletionRequest, proxy_path: 
             )
         except InvalidRequestError as e:
             raise from_ladle_error(e) from None
-        ep_params = replace(params, structured=plan.structured() or params.structured)
-        return _jobs(ep, [prompt], ep_params, body, timeout_s), plan
+        return _jobs(ep, [prompt], ep_params, body, timeout_s)
 
     def upstream(route):
         if proxy_path is None:
@@ -521,12 +538,15 @@ async def start_chat(request: Request, body: ChatCompletionRequest, proxy_path: 
 
     if isinstance(endpoint, Upstream):
         return await upstream(_admit(request, state, pick, []))
-    jobs, plan = prepared(endpoint)
+    plan, ep_params = planned(endpoint)
+    await _ready(endpoint, ep_params)
+    jobs = prepared(endpoint, plan, ep_params)
     route = _admit(request, state, pick, jobs)
     if isinstance(route.endpoint, Upstream):
         return await upstream(route)
     if route.endpoint is not endpoint:
-        jobs, plan = prepared(route.endpoint)
+        plan, ep_params = planned(route.endpoint)
+        jobs = prepared(route.endpoint, plan, ep_params)
     return ChatRun(Generation(state, route, jobs, body.n, timeout_s), route.endpoint.tokenizer, plan)
 
 

@@ -3,16 +3,67 @@ pydantic, and their translation into engine terms. Responses are plain dicts bui
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ladle.errors import InvalidRequestError
-from ladle.sample.params import SamplingParams
+from ladle.sample.params import SamplingParams, StructuredOutput
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False  # a last chunk with the usage of the whole request
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one constraint on the output."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")  # a JSON schema
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # Lark or GBNF
+    json_object: bool | None = None  # any JSON object
+
+    def constraints(self, param: str) -> list[StructuredOutput]:
+        found = []
+        if self.json_schema is not None:
+            schema = self.json_schema if isinstance(self.json_schema, str) else json.dumps(self.json_schema)
+            found.append(StructuredOutput("json", schema, param))
+        if self.regex is not None:
+            found.append(StructuredOutput("regex", self.regex, param))
+        if self.choice is not None:
+            found.append(StructuredOutput("choice", json.dumps(self.choice), param))
+        if self.grammar is not None:
+            found.append(StructuredOutput("grammar", self.grammar, param))
+        if self.json_object:
+            found.append(StructuredOutput("json_object", "", param))
+        return found
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    def constraint(self) -> StructuredOutput | None:
+        if self.type == "json_object":
+            return StructuredOutput("json_object", "", "response_format")
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.json_schema is None:
+                raise InvalidRequestError(
+                    'response_format of type "json_schema" needs json_schema.schema', param="response_format"
+                )
+            return StructuredOutput("json", json.dumps(self.json_schema.json_schema), "response_format")
+        return None
 
 
 class SamplingFields(BaseModel):
@@ -45,8 +96,32 @@ class SamplingFields(BaseModel):
     cache_salt: str | None = None
     # Ladle's: false = no speculative decoding for this request (when the server speculates)
     speculative: bool = True
+    # constrained decoding: OpenAI's response_format, vLLM's structured_outputs and older guided_*
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # Ladle's: seconds the request may wait in the queue before it fails (default: --queue-timeout)
     queue_timeout: float | None = Field(default=None, gt=0)
+
+    def structured(self) -> StructuredOutput | None:
+        """The request's one output constraint, from whichever field gave it (400 for two)."""
+        found = []
+        if self.response_format is not None and (c := self.response_format.constraint()) is not None:
+            found.append(c)
+        if self.structured_outputs is not None:
+            found += self.structured_outputs.constraints("structured_outputs")
+        legacy = StructuredOutputs(json=self.guided_json, regex=self.guided_regex, choice=self.guided_choice,
+                                   grammar=self.guided_grammar)  # fmt: skip
+        found += [StructuredOutput(c.kind, c.spec, f"guided_{c.kind}") for c in legacy.constraints("guided")]
+        if len(found) > 1:
+            raise InvalidRequestError(
+                f"give one output constraint, got {len(found)} ({', '.join(c.param for c in found)})",
+                param=found[1].param,
+            )
+        return found[0] if found else None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         bias = {}
@@ -75,6 +150,7 @@ class SamplingFields(BaseModel):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             speculative=self.speculative,
+            structured=self.structured(),
         )
 
     @property
@@ -153,17 +229,12 @@ class ToolDefinition(BaseModel):
     function: FunctionDefinition
 
 
-class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object", "json_schema"] = "text"
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[ToolDefinition] | None = None
     tool_choice: Any = None  # "none", "auto", "required" or {"type": "function", "function": {"name"}}: see tools.py
     parallel_tool_calls: bool = True  # false: at most one call per answer
@@ -171,11 +242,6 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.response_format is not None and self.response_format.type != "text":
-            return "response_format", (
-                f"response_format type {self.response_format.type!r} is not supported yet "
-                "(structured output comes later): ask for JSON in the prompt instead"
-            )
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs to be true"
         return None

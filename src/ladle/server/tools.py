@@ -100,10 +100,10 @@ class ToolPlan:
     def structured(self) -> StructuredOutput | None:
         """The grammar of `required` and named choices; None for the others."""
         if self.choice.mode == "required":
-            return StructuredOutput("grammar", self.parser.grammar(self.functions, is_single=not self.is_parallel))
+            return StructuredOutput("grammar", self.parser.grammar(self.functions, not self.is_parallel), "tools")
         if self.choice.mode == "function":
             named = [f for f in self.functions if f.name == self.choice.name]
-            return StructuredOutput("grammar", self.parser.grammar(named, is_single=True))
+            return StructuredOutput("grammar", self.parser.grammar(named, is_single=True), "tools")
         return None
 
     def read(self, text: str) -> tuple[str | None, list[ParsedCall]]:
