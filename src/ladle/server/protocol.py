@@ -260,6 +260,8 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ToolDefinition] | None = None  # rendered with messages, as chat completions render them
+    tool_choice: Any = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
