@@ -1,5 +1,6 @@
 """The ASGI application: routes, and the middleware every request passes (request id, body size
-limit, API key, status metrics). Bad input ends in an OpenAI-style 4xx; only bugs give a 500."""
+limit, API key, status metrics). Bad input ends in a 4xx in the API's own format (OpenAI's, or
+Anthropic's on /v1/messages); only bugs give a 500."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ladle.server import admin, openai_api
+from ladle.server import admin, anthropic_api, openai_api
 from ladle.server.errors import APIError, BodyTooLarge, ClientDisconnected
 from ladle.server.state import ServerPhase, ServerState
 
@@ -54,6 +55,8 @@ ROUTES = [
     Route("/v1/models", openai_api.list_models, methods=["GET"]),
     Route("/v1/completions", openai_api.completions, methods=["POST"]),
     Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
+    Route("/v1/messages", anthropic_api.messages, methods=["POST"]),
+    Route("/v1/messages/count_tokens", anthropic_api.count_tokens, methods=["POST"]),
     Route("/tokenize", openai_api.tokenize, methods=["POST"]),
     Route("/detokenize", openai_api.detokenize, methods=["POST"]),
     Route("/admin/models", admin.list_models, methods=["GET"]),
@@ -65,17 +68,19 @@ ADMIN_PREFIX = "/admin/"
 
 
 async def _api_error(request: Request, exc: APIError) -> Response:
-    return exc.response()
+    return exc.response(request.url.path)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     messages = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed here"}
-    return APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail))).response()
+    return APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail))).response(request.url.path)
 
 
 async def _too_large(request: Request, exc: BodyTooLarge) -> Response:
     limit = request.app.state.ladle.config.server.max_request_bytes
-    return APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large").response()
+    return APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large").response(
+        request.url.path
+    )
 
 
 async def _disconnected(request: Request, exc: Exception) -> Response:
@@ -84,7 +89,7 @@ async def _disconnected(request: Request, exc: Exception) -> Response:
 
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
-    return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response(request.url.path)
 
 
 def _matches(token: str, keys) -> bool:
@@ -145,9 +150,10 @@ class LadleMiddleware:
         if length is not None and length.isdigit() and int(length) > cfg.max_request_bytes:
             return APIError(
                 413, f"the request body is larger than {cfg.max_request_bytes} bytes", code="request_too_large"
-            ).response()
+            ).response(path)
         auth = headers.get(b"authorization", b"").decode("latin-1")
-        token = auth[7:] if auth.lower().startswith("bearer ") else ""
+        # a bearer token, or Anthropic's header (its clients send the key as x-api-key)
+        token = auth[7:] if auth.lower().startswith("bearer ") else headers.get(b"x-api-key", b"").decode("latin-1")
         if path.startswith(ADMIN_PREFIX):
             return _admin_refusal(cfg, token)
         if cfg.api_keys and path not in PUBLIC_PATHS:
@@ -155,9 +161,9 @@ class LadleMiddleware:
                 what = "no API key was given" if not token else "the API key is not valid"
                 return APIError(
                     401,
-                    f"Incorrect API key provided: {what}. Send it as 'Authorization: Bearer KEY'.",
+                    f"Incorrect API key provided: {what}. Send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'.",
                     code="invalid_api_key",
-                ).response()
+                ).response(path)
         return None
 
     def _limited(self, receive, headers):

@@ -19,6 +19,20 @@ _TYPES = {
 }
 
 
+# Anthropic's error types by status (its Messages API routes answer in its format)
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+}
+ANTHROPIC_PREFIX = "/v1/messages"  # the routes whose errors take Anthropic's format
+
+
 class BodyTooLarge(Exception):
     """The request body grew past --max-request-bytes while being read."""
 
@@ -53,8 +67,15 @@ class APIError(Exception):
             }
         }
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def anthropic_body(self) -> dict:
+        """The error in Anthropic's format (its type by status; the message names the field)."""
+        kind = _ANTHROPIC_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "api_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def response(self, path: str = "") -> JSONResponse:
+        """The error in the format of the API that `path` belongs to (OpenAI's, or Anthropic's)."""
+        body = self.anthropic_body() if path.startswith(ANTHROPIC_PREFIX) else self.body()
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 def from_validation_error(e: ValidationError) -> APIError:

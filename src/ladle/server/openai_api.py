@@ -489,13 +489,13 @@ def _completion_logprobs(tok, items, text_offset: int) -> dict:
 # -- /v1/chat/completions -------------------------------------------------------------------------
 
 
-def _tool_plan(ep, tools, tool_choice, is_parallel: bool) -> ToolPlan:
+def tool_plan(ep, tools, tool_choice, is_parallel: bool) -> ToolPlan:
     """A request's tools for one model: its template and its family's parser."""
     template = ep.tokenizer.chat_template.source if ep.tokenizer.chat_template else None
     return ToolPlan.build(tools, tool_choice, is_parallel, ep.entry.tool_call_parser, template)
 
 
-def _chat_prompt(ep, messages, plan: ToolPlan, add_generation_prompt: bool, kwargs: dict | None) -> list[int]:
+def chat_prompt(ep, messages, plan: ToolPlan, add_generation_prompt: bool, kwargs: dict | None) -> list[int]:
     """The conversation (and its tools) in the model's chat template, as token ids."""
     try:
         rendered, variables = plan.render([m.as_template_dict() for m in messages])
@@ -525,7 +525,7 @@ async def start_chat(request: Request, body: ChatCompletionRequest, proxy_path: 
     timeout_s = _queue_timeout_s(state, body)
 
     def planned(ep):  # the request's tools for this endpoint, and its sampling with their grammar
-        plan = _tool_plan(ep, body.tools, body.tool_choice, body.parallel_tool_calls)
+        plan = tool_plan(ep, body.tools, body.tool_choice, body.parallel_tool_calls)
         grammar = plan.structured()
         if grammar is not None and params.structured is not None:
             raise APIError(400, f"tool_choice {body.tool_choice!r} constrains the output to tool calls: it cannot "
@@ -533,7 +533,7 @@ async def start_chat(request: Request, body: ChatCompletionRequest, proxy_path: 
         return plan, replace(params, structured=grammar or params.structured)
 
     def prepared(ep, plan, ep_params):  # the conversation in this endpoint's chat template and tokens, as one job
-        prompt = _chat_prompt(ep, body.messages, plan, body.add_generation_prompt, body.chat_template_kwargs)
+        prompt = chat_prompt(ep, body.messages, plan, body.add_generation_prompt, body.chat_template_kwargs)
         return _jobs(ep, [prompt], ep_params, body, timeout_s)
 
     def upstream(route):
@@ -728,8 +728,8 @@ async def tokenize(request: Request) -> Response:
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt or messages", param="prompt")
     if body.messages is not None:
-        plan = _tool_plan(endpoint, body.tools, body.tool_choice, True)
-        ids = _chat_prompt(endpoint, body.messages, plan, body.add_generation_prompt, None)
+        plan = tool_plan(endpoint, body.tools, body.tool_choice, True)
+        ids = chat_prompt(endpoint, body.messages, plan, body.add_generation_prompt, None)
     else:
         ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     return JSONResponse({"count": len(ids), "max_model_len": endpoint.max_model_len, "tokens": ids})
