@@ -45,6 +45,12 @@ def test_chat_json_object_and_completions_structured_outputs(client):
         response_format={"type": "json_object"}, max_tokens=200, temperature=0,
     )  # fmt: skip
     assert isinstance(json.loads(resp.choices[0].message.content), dict)
+    again = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": 'Reply with a JSON object whose key "answer" is "yes".'}],
+        response_format={"type": "json_object"}, max_tokens=200, temperature=0,
+    )  # fmt: skip  # the prompt's blocks come from the prefix cache; the constraint holds the same
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    assert again.choices[0].message.content == resp.choices[0].message.content
     done = client.completions.create(model=MODEL, prompt="The date today is", max_tokens=20, temperature=1,
                                      extra_body={"structured_outputs": {"regex": r" \d{4}-\d{2}-\d{2}"}})  # fmt: skip
     assert re.fullmatch(r" \d{4}-\d{2}-\d{2}", done.choices[0].text)
