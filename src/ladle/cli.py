@@ -484,6 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--results-dir", default="benchmarks/results", metavar="DIR")
     cmp.set_defaults(func=_cmd_bench_compare)
 
+    st = bench.add_parser("structured", help="constrained decoding: compile time, TPOT constrained vs not, mask cost")
+    _add_model_args(st)
+    _add_engine_args(st)
+    st.add_argument("--concurrency", type=int, default=8, metavar="N", help="requests decoding together (8)")
+    st.add_argument("--rounds", type=int, default=3, metavar="N", help="TPOT pairs to take the median of (3)")
+    st.add_argument("--results-dir", default="benchmarks/results", metavar="DIR")
+    st.set_defaults(func=_cmd_bench_structured)
     from ladle.bench.burst import BurstOptions
 
     d = BurstOptions(config="", model="")
@@ -527,6 +534,14 @@ def _cmd_bench_burst(args: argparse.Namespace) -> int:
         input_len=args.input_len, output_len=args.output_len, retries=args.retries, port=args.port, seed=args.seed,
         results_dir=args.results_dir,
     ))  # fmt: skip
+
+
+def _cmd_bench_structured(args: argparse.Namespace) -> int:
+    from ladle.bench.structured import main
+
+    if args.concurrency < 1 or args.rounds < 1:
+        raise LadleError("--concurrency and --rounds must be at least 1")
+    return main(args, _engine_config(args))
 
 
 def _cmd_bench_compare(args: argparse.Namespace) -> int:

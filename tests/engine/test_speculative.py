@@ -311,3 +311,37 @@ def test_a_draft_with_another_vocabulary_is_refused_at_startup(tmp_path, tiny_mo
     spec = SpeculativeConfig(method="draft", draft_model=str(other.hf_dir))
     with pytest.raises(LadleError, match="different tokenizer"):
         engine(tiny_llama, spec)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
+def test_constrained_outputs_are_the_tokens_of_plain_constrained_decoding(tiny_models, tiny_llama, seeded):
+    """The row that checks a guess is masked in the grammar's state after the guesses before it,
+    and the matcher is rolled back: draft (many rejections, all kept) and n-gram speculation give
+    the tokens of plain constrained decoding, and every output matches its constraint."""
+    import json
+    import re
+
+    from ladle.sample.params import StructuredOutput
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 999},
+              "b": {"enum": ["x", "yy"]}}, "required": ["a", "b"], "additionalProperties": False}  # fmt: skip
+    constraints = [StructuredOutput("regex", "[a-z ]{10,30}"), StructuredOutput("json", json.dumps(schema))]
+    prompts = identity_prompts()
+    temperature = 0.9 if seeded else 0.0
+    params = [SamplingParams(temperature=temperature, seed=i, max_tokens=60, structured=constraints[i % 2])
+              for i in range(len(prompts))]  # fmt: skip
+    plain = generate_all(engine(tiny_llama), prompts, params)
+    texts = [tiny_llama.tokenizer.decode(t) for t in plain]
+    for i, text in enumerate(texts):
+        assert re.fullmatch("[a-z ]{10,30}", text) if i % 2 == 0 else json.loads(text)["b"] in ("x", "yy"), text
+    for spec in (
+        SpeculativeConfig(method="draft", draft_model=str(tiny_models["qwen2"].hf_dir), num_speculative_tokens=3,
+                          disable_batch_size=0),
+        SpeculativeConfig(method="draft", draft_model=str(tiny_models["llama"].hf_dir), num_speculative_tokens=3,
+                          disable_batch_size=0),
+        SpeculativeConfig(method="ngram", num_speculative_tokens=3, ngram_min=1, disable_batch_size=0),
+    ):  # fmt: skip
+        llm = engine(tiny_llama, spec, max_num_batched_tokens=64)
+        assert generate_all(llm, prompts, params) == plain, spec
+        assert llm.engine.stats.spec_num_draft_tokens > 0, spec

@@ -9,8 +9,8 @@ import re
 
 import jsonschema
 import pytest
-from structured_cases import CHOICES, REGEXES, json_schemas
 
+from ladle.bench.structured import CHOICES, REGEXES, json_schemas
 from ladle.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from ladle.engine.llm import LLM
 from ladle.errors import InvalidRequestError
