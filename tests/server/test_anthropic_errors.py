@@ -21,7 +21,7 @@ def anthropic_error(result, status: int, kind: str, *fragments: str):
 def test_the_anthropic_client_authenticates_with_x_api_key(guarded_server):
     client = anthropic.Anthropic(base_url=guarded_server.url, api_key="sk-test-2", max_retries=0)
     r = client.messages.create(model="tiny", max_tokens=2, messages=HELLO)
-    assert r.usage.output_tokens == 2 and r.stop_reason == "max_tokens"
+    assert r.stop_reason == ("max_tokens" if r.usage.output_tokens == 2 else "end_turn")  # random weights: EOS may come
     with pytest.raises(anthropic.AuthenticationError) as e:
         anthropic.Anthropic(base_url=guarded_server.url, api_key="nope", max_retries=0).messages.create(
             model="tiny", max_tokens=2, messages=HELLO

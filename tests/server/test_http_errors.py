@@ -85,18 +85,19 @@ def test_malformed_json(guarded_server, raw):
         ("/v1/chat/completions", {"messages": [{"content": "x"}]}, ["role"], "messages.0.role"),
         (
             "/v1/chat/completions",
-            {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
-            ["json_object", "not supported"],
-            "response_format",
+            {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
+            ["response_format.type"],
+            "response_format.type",
         ),
         (
             "/v1/chat/completions",
             {
                 "messages": [{"role": "user", "content": "x"}],
                 "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
             },
-            ["tool"],
-            "tools",
+            ["'g'", "does not offer"],
+            "tool_choice",
         ),
         (
             "/v1/chat/completions",
