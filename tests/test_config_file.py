@@ -26,6 +26,11 @@ def test_the_shipped_example_parses_into_two_models_and_a_router():
     assert cfg.model("smollm2") is smol
 
 
+def test_a_model_names_its_tool_call_parser():
+    cfg = parse_config({"models": [{"name": "a", "tool_call_parser": "llama3_json"}, {"name": "b"}]})
+    assert [m.tool_call_parser for m in cfg.models] == ["llama3_json", "auto"]
+
+
 def test_keys_not_given_take_the_dataclass_defaults():
     cfg = parse_config({"models": [{"name": "a"}]})
     assert cfg.models == (ModelEntry(name="a"),)
@@ -42,6 +47,8 @@ def test_keys_not_given_take_the_dataclass_defaults():
          "f.yaml: models[0].max_num_seqs: expected an integer, got str 'many'"),
         ({"models": [{"name": "a", "max_num_seqs": 0}]}, "f.yaml: models[0]: --max-num-seqs must be at least 1"),
         ({"models": [{"name": "a", "quantization": "fp4"}]}, "f.yaml: models[0]: unknown quantization 'fp4'"),
+        ({"models": [{"name": "a", "tool_call_parser": "mistral"}]},
+         "f.yaml: models[0]: unknown tool call parser 'mistral' (choose auto, hermes, llama3_json)"),
         ({"models": [{"dtype": "auto"}]}, "f.yaml: models[0].name: required key is missing"),
         ({"models": {"name": "a"}}, "f.yaml: models: expected a list, got a mapping"),
         ({"models": [{"name": "a", "degrade_to": "b"}]}, "degrade_to 'b' is not a model of this config"),

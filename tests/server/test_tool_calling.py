@@ -154,3 +154,27 @@ def test_bad_tools_are_400s_naming_the_field(client, extra, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5, **extra)
     assert e.value.body["param"] == param
+
+
+@pytest.fixture(scope="module")
+def llama3_client():
+    """The embedded model told to write Llama 3.x's JSON calls (--tool-call-parser)."""
+    from helpers import ServerProcess
+
+    server = ServerProcess("--max-model-len", "1024", "--kv-cache-memory", "0.2", "--tool-call-parser", "llama3_json")
+    yield OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0), server
+    server.stop()
+
+
+def test_the_llama3_json_parser_chosen_by_flag_prompts_constrains_and_reads_its_format(llama3_client):
+    client, server = llama3_client
+    _, _, ids = server.request("POST", "/tokenize", {"messages": QUESTION, "tools": TOOLS})
+    _, _, prompt = server.request("POST", "/detokenize", {"tokens": ids["tokens"]})
+    assert '"parameters": dictionary of argument name' in prompt["prompt"] and "<tool_call>" not in prompt["prompt"]
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="required",
+                                       max_tokens=200, temperature=1, seed=5)  # fmt: skip
+    assert_valid_calls(r.choices[0].message.tool_calls)
+    content, pairs, finish = streamed(client, messages=QUESTION, tools=TOOLS, tool_choice=NAMED_TIME, max_tokens=100,
+                                      temperature=0)  # fmt: skip
+    assert content == "" and [name for name, _ in pairs] == ["get_time"] and finish == "tool_calls"
+    jsonschema.validate(json.loads(pairs[0][1]), TIME)
