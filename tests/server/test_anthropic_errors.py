@@ -37,6 +37,8 @@ def test_the_anthropic_client_authenticates_with_x_api_key(guarded_server):
         ({"model": "tiny", "max_tokens": 5, "messages": []}, ["messages"]),
         ({"model": "tiny", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, ["messages.0.role"]),
         ({"model": "tiny", "max_tokens": 5, "temperature": 1.5, "messages": HELLO}, ["temperature"]),
+        ({"model": "tiny", "max_tokens": 5, "stop_sequences": ["a"] * 17, "messages": HELLO}, ["stop_sequences", "16"]),
+        ({"model": "tiny", "max_tokens": 5, "top_k": -3, "messages": HELLO}, ["top_k"]),
         (
             {"model": "tiny", "max_tokens": 5,
              "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},

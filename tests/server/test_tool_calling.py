@@ -148,6 +148,13 @@ def test_unknown_tool_in_tool_choice_is_a_400_naming_the_field(client):
         ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),
         ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
         ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),  # a schema the grammar engine cannot read
     ],
 )
 def test_bad_tools_are_400s_naming_the_field(client, extra, param):

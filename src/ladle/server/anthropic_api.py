@@ -86,6 +86,7 @@ class MessagesRequest(CountTokensRequest):
 # -- translation into a chat completion request ------------------------------------------------------
 
 _CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+_FIELD_NAMES = {"stop": "stop_sequences"}  # chat request fields this API names otherwise
 
 
 def _text(blocks: str | list[ContentBlock] | None, where: str) -> str:
@@ -160,7 +161,12 @@ async def messages(request: Request) -> Response:
         body, max_tokens=body.max_tokens, stop=body.stop_sequences, temperature=body.temperature,
         top_p=body.top_p, top_k=body.top_k,
     )  # fmt: skip
-    run = await start_chat(request, chat, None)
+    try:
+        run = await start_chat(request, chat, None)
+    except APIError as e:  # a chat field's error, in this API's name for the field
+        if e.param in _FIELD_NAMES:
+            e.message, e.param = e.message.replace(e.param, _FIELD_NAMES[e.param], 1), _FIELD_NAMES[e.param]
+        raise
     rid = f"msg_{request.state.request_id}"
     if body.stream:
         await run.gen.start(request)
