@@ -42,6 +42,8 @@ HERMES_OUTPUTS = [
     "<tool_call>\nnot a call\n</tool_call>\nsorry",
     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa',  # cut by max_tokens
     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\nDone.',
+    '\n\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>\n',
+    "Plain text\nwith lines \n",
 ]
 LLAMA_OUTPUTS = [
     '{"name": "get_weather", "parameters": {"city": "Paris"}}',
@@ -58,7 +60,7 @@ def test_hermes_reads_calls_and_content():
     parser = HermesToolParser()
     assert parser.extract(HERMES_OUTPUTS[0]) == (None, [ParsedCall("get_weather", '{"city": "Paris"}')])
     content, calls = parser.extract(HERMES_OUTPUTS[1])
-    assert content == "Let me look.\n"
+    assert content == "Let me look."
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [
         ("get_weather", {"city": "Paris", "unit": "celsius"}),
         ("get_time", {"zone": "Europe/Paris"}),
@@ -69,6 +71,8 @@ def test_hermes_reads_calls_and_content():
     assert parser.extract(HERMES_OUTPUTS[4]) == (HERMES_OUTPUTS[4], [])
     assert parser.extract(HERMES_OUTPUTS[5]) == (None, [ParsedCall("get_weather", '{"city": "Pa')])
     assert parser.extract(HERMES_OUTPUTS[6]) == ("\nDone.", [ParsedCall("get_weather", '{"city": "Paris"}')])
+    assert parser.extract(HERMES_OUTPUTS[7]) == (None, [ParsedCall("get_time", '{"zone": "UTC"}')])
+    assert parser.extract(HERMES_OUTPUTS[8]) == (HERMES_OUTPUTS[8], [])
 
 
 def test_llama3_json_reads_calls_and_content():
@@ -114,10 +118,11 @@ def test_streaming_split_anywhere_reads_what_extract_reads(parser, text):
 
 def test_streaming_holds_back_a_possible_marker_until_it_is_decided():
     extractor = StreamingToolExtractor(HermesToolParser())
-    assert extractor.feed("Hi <tool") == ("Hi ", [])
-    assert extractor.feed("box") == ("<toolbox", [])
+    assert extractor.feed("Hi <tool") == ("Hi", [])
+    assert extractor.feed("box") == (" <toolbox", [])
+    assert extractor.feed("\n") == ("", [])  # whitespace waits: a call may follow
     text, deltas = extractor.feed(' <tool_call>\n{"name": "get_time", "arguments": {"zo')
-    assert text == " " and [(d.index, d.name, d.arguments) for d in deltas] == [(0, "get_time", '{"zo')]
+    assert text == "" and [(d.index, d.name, d.arguments) for d in deltas] == [(0, "get_time", '{"zo')]
 
 
 def test_parser_chosen_by_name_or_template():

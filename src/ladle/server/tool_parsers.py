@@ -235,8 +235,9 @@ class ToolParser:
 
 class HermesToolParser(ToolParser):
     """`<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, one block per call (Hermes,
-    Qwen2.5, Qwen3). Content is the text before the first block; text between or after blocks, and
-    blocks that hold no call, come out as content once the output ends."""
+    Qwen2.5, Qwen3). Content is the text before the first block (less the whitespace before it);
+    text between or after blocks, and blocks that hold no call, come out as content once the output
+    ends."""
 
     name = "hermes"
     argument_key = "arguments"
@@ -248,7 +249,8 @@ class HermesToolParser(ToolParser):
     def scan(self, text: str, is_final: bool) -> Scan:
         first = text.find(self.START)
         if first < 0:
-            return Scan(text if is_final else text[: len(text) - _held_suffix(text, self.START)])
+            # while it may go on, trailing whitespace waits too: it goes where a call follows
+            return Scan(text if is_final else text[: len(text) - _held_suffix(text, self.START)].rstrip())
         calls, late = [], []  # late: content known only once the output ends
         pos = first
         while pos >= 0:
@@ -265,7 +267,7 @@ class HermesToolParser(ToolParser):
             after = close + len(self.END)
             pos = text.find(self.START, after)
             late.append(text[after : pos if pos >= 0 else len(text)])
-        content = text[:first] + ("".join(late) if is_final and "".join(late).strip() else "")
+        content = text[:first].rstrip() + ("".join(late) if is_final and "".join(late).strip() else "")
         return Scan(content, calls)
 
     def format_result(self, content: str) -> str:
