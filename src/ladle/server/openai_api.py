@@ -501,13 +501,22 @@ def _token_text(tok, token_id: int) -> str:
     return tok.decode([token_id], skip_special_tokens=False)
 
 
+def _top_by_text(tok, top: list[tuple[int, float]]) -> dict[str, float]:
+    """The alternatives keyed by their text, as the legacy format has them; where two tokens share a
+    text (pieces of one UTF-8 character), the better one's logprob stays."""
+    by_text: dict[str, float] = {}
+    for token_id, logprob in top:
+        by_text.setdefault(_token_text(tok, token_id), logprob)
+    return by_text
+
+
 def _completion_logprobs(tok, items, text_offset: int) -> dict:
     tokens, token_logprobs, top, offsets = [], [], [], []
     for token_id, lp in items:  # lp None: the prompt's first token (nothing to predict it from)
         text = _token_text(tok, token_id)
         tokens.append(text)
         token_logprobs.append(None if lp is None else lp.logprob)
-        top.append(None if lp is None else {_token_text(tok, t): v for t, v in lp.top})
+        top.append(None if lp is None else _top_by_text(tok, lp.top))
         offsets.append(text_offset)
         text_offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
