@@ -150,6 +150,44 @@ def test_every_sample_gets_them_once_and_one_token_prompts_work(loaded, tiny):
     assert seen[("b", 0)] == [None]
 
 
+def test_a_request_preempted_in_its_prefill_recomputes_them(loaded, tiny, reference_model):
+    """10 blocks of 4 tokens: the scoring request's prefill chunks (8 tokens a step) run beside a
+    decode that grows to 10 blocks, so it is preempted half-way through its prompt, waits, and
+    computes the prompt again from the start: its values are those of one clean pass."""
+    from ladle.runner.model_runner import KVCache
+
+    vocab = tiny.config.vocab_size
+    decoding, scored = prompt_ids(8, seed=7, vocab=vocab), prompt_ids(30, seed=8, vocab=vocab)
+    per_block = KVCache.bytes_per_block(loaded, 4)
+    config = EngineConfig(
+        model=ModelConfig(dtype="float32", device="cpu", max_model_len=40),
+        cache=CacheConfig(kv_cache_memory_gib=10.5 * per_block / 2**30, block_size=4),
+        scheduler=SchedulerConfig(max_num_batched_tokens=8),
+    )
+    llm = LLM(config=config, loaded=loaded)
+    assert llm.engine.kv.pool.num_blocks == 10
+    core = llm.engine
+    core.add_request("a", decoding, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    core.add_request("b", scored, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=K))
+    b = core.groups["b"][0]
+    filed_when_preempted, preemptions, reported, tokens = [], 0, [], []
+    while core.has_unfinished():
+        filed = len(b.prompt_logprobs)
+        for out in core.step():
+            if out.request_id == "b":
+                tokens += out.new_token_ids
+                if out.prompt_logprobs is not None:
+                    reported.append(out.prompt_logprobs)
+        if b.num_preemptions > preemptions:
+            preemptions = b.num_preemptions
+            filed_when_preempted.append(filed)
+    assert any(1 < n < len(scored) for n in filed_when_preempted)  # preempted with part of its prompt done
+    assert len(reported) == 1
+    assert_matches_reference(reported[0], scored, reference(reference_model, scored))
+    alone = engine(loaded).generate([scored], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))[0]
+    assert tokens == alone.token_ids
+
+
 @pytest.mark.parametrize(
     "kwargs, param",
     [
