@@ -272,17 +272,25 @@ class EngineCore:
         if sched.is_empty:
             self._update_gauges()
             return outputs
-        samples = [c.samples for c in sched.chunks]
+        # a request with max_tokens 0 (it scores its prompt) ends with its prefill: nothing to sample
+        ends = [c.samples for c in sched.chunks]  # the chunk reaches the request's last token
+        samples = [e and c.request.params.max_tokens != 0 for c, e in zip(sched.chunks, ends, strict=True)]
         batch = StepBatch([self._step_request(c, s) for c, s in zip(sched.chunks, samples, strict=True)])
         result: StepResult = self.executor.execute_step(batch)
         k = 0
-        for chunk, sampled in zip(sched.chunks, samples, strict=True):
+        for chunk, sampled, ended, asked in zip(sched.chunks, samples, ends, batch.requests, strict=True):
             request = chunk.request
             self.stats.num_computed_tokens += chunk.num_tokens
             request.spec_token_ids = []
+            if request.needs_prompt_logprobs:
+                self._add_prompt_logprobs(request, asked.num_computed, result.prompt_logprobs.get(asked.request_id, []))
             if not sampled:
                 request.num_computed_tokens += chunk.num_tokens
                 self.kv.cache_computed_blocks(request)
+                if ended:  # max_tokens 0: the prompt is done, and so is the request
+                    self._finish(request, FinishReason.LENGTH)
+                    outputs.append(self._output(request, [], None))
+                    self._maybe_forget_group(request)
                 continue
             tokens, logprobs = result.sampled_token_ids[k], result.logprobs[k]
             k += 1
@@ -328,7 +336,21 @@ class EngineCore:
         specs = []
         if samples:  # one per position that samples: after the last token and after each guess
             specs = [self._sample_spec(r, guesses[:j]) for j in range(chunk.num_spec + 1)]
-        return StepRequest(r.request_id, r.tokens(start, end) + guesses, start, chunk.block_ids, specs, chunk.num_spec)
+        step = StepRequest(r.request_id, r.tokens(start, end) + guesses, start, chunk.block_ids, specs, chunk.num_spec)
+        if r.needs_prompt_logprobs:  # the prompt tokens after the chunk's positions (the last one has none)
+            step.prompt_targets = r.prompt_token_ids[start + 1 : min(end, r.num_prompt_tokens - 1) + 1]
+            step.prompt_logprobs = r.params.prompt_logprobs
+        return step
+
+    @staticmethod
+    def _add_prompt_logprobs(request: Request, start: int, entries: list[TokenLogprobs]) -> None:
+        """File a chunk's prompt logprobs (its first position is prompt token `start`): entry i is that
+        of token start + 1 + i. A prompt recomputed after a preemption overwrites its earlier ones."""
+        filed = request.prompt_logprobs
+        del filed[start + 1 :]
+        if not filed:
+            filed.append(None)  # the first token has nothing before it
+        filed.extend(entries)
 
     @staticmethod
     def _sample_spec(r: Request, guesses: list[int]) -> SampleSpec:
@@ -396,11 +418,20 @@ class EngineCore:
             finish_reason=request.finish_reason.value if finished else None,
             stop_reason=request.stop_reason,
             logprobs=logprobs,
+            prompt_logprobs=self._take_prompt_logprobs(request),
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=max(request.num_cached_tokens, 0),
             num_output_tokens=len(request.output_token_ids),
             metrics=metrics,
         )
+
+    @staticmethod
+    def _take_prompt_logprobs(request: Request) -> list[TokenLogprobs | None] | None:
+        """The prompt's logprobs, once all computed, with the first output that follows."""
+        if request.params.prompt_logprobs is None or request.prompt_logprobs_reported or request.needs_prompt_logprobs:
+            return None
+        request.prompt_logprobs_reported = True
+        return request.prompt_logprobs
 
     def _finish(self, request: Request, reason: FinishReason, stop_reason=None) -> None:
         if request.status != RequestStatus.FINISHED:
@@ -414,6 +445,7 @@ class EngineCore:
         for child in self.pending_forks.pop(parent.request_id, []):
             child.num_computed_tokens = self.kv.fork(parent, child)
             child.num_cached_tokens = child.num_computed_tokens
+            child.prompt_logprobs = list(parent.prompt_logprobs)  # the same prompt: computed once
             self.scheduler.add(child, front=True)
         parent.num_forks_pending = 0
 

@@ -19,6 +19,8 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop", "length" or "abort" once finished
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: list[TokenLogprobs] | None = None  # per new token, when asked
+    # per prompt token (None for the first), when asked: once, with the first output after the prefill
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_prompt_tokens: int = 0  # prompt length
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_output_tokens: int = 0  # tokens generated so far (this sample)
@@ -53,6 +55,7 @@ class GenerationResult:
     prompt_token_ids: list[int]
     samples: list[Sample] = field(default_factory=list)
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # per prompt token (None first), when asked
 
     @property
     def text(self) -> str:
@@ -73,3 +76,5 @@ class GenerationResult:
         if delta.finished:
             s.finish_reason, s.stop_reason = delta.finish_reason, delta.stop_reason
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs

@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from ladle.sample.params import SamplingParams
+from ladle.sample.params import SamplingParams, TokenLogprobs
 
 
 class RequestStatus(enum.Enum):
@@ -67,6 +67,15 @@ class Request:
     spec_token_ids: list[int] = field(default_factory=list)  # guessed next tokens, checked by the next step
     num_draft_computed: int = 0  # leading tokens whose K/V the draft model holds (draft speculation)
     matcher: object | None = None  # its grammar's state (llguidance), where params.structured constrains it
+    # with params.prompt_logprobs: per prompt token computed so far its logprobs (None for the first)
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    prompt_logprobs_reported: bool = False  # they went out with an output
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """It asked for its prompt's logprobs and has not computed them all: it computes its whole
+        prompt itself (no prefix-cache hit) until it has."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:

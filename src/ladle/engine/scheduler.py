@@ -154,10 +154,12 @@ class Scheduler:
             if request.status != RequestStatus.WAITING:
                 continue  # preempted into the queue during this loop
             holds_blocks = bool(self.kv.tables.get(request.request_id))  # a fork of a running prompt
-            prefix = None if holds_blocks else self.kv.find_cached_prefix(request)
+            # one that wants its prompt's logprobs computes the whole prompt: no lookup, no wait
+            computes_all = holds_blocks or request.needs_prompt_logprobs
+            prefix = None if computes_all else self.kv.find_cached_prefix(request)
             if prefix is not None and self.kv.is_prefix_in_flight(request, prefix):
                 continue  # its next blocks are being computed by another request: reuse them soon
-            computed = request.num_computed_tokens if holds_blocks else prefix.num_tokens
+            computed = request.num_computed_tokens if computes_all else prefix.num_tokens
             num = request.num_tokens - computed
             if num > budget and not self.config.enable_chunked_prefill:
                 break

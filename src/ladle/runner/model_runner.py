@@ -16,7 +16,7 @@ from ladle.model.decode_plan import build_decode_plan
 from ladle.model.loader import LoadedModel
 from ladle.runner.step import DraftRequest, StepBatch, StepResult
 from ladle.sample.params import SampleSpec
-from ladle.sample.sampler import SampleGroup, Sampler
+from ladle.sample.sampler import SampleGroup, Sampler, prompt_logprobs
 
 
 @dataclass
@@ -74,11 +74,16 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_step(self, batch: StepBatch) -> StepResult:
         """One engine step: forward every scheduled token, sample (and verify) the requests that sample."""
+        if any(r.prompt_targets for r in batch.requests):
+            return self._execute_with_prompt_logprobs(batch)
         chunks = [
             StepChunk(r.token_ids, r.num_computed, r.block_ids, num_logits=len(r.samples)) for r in batch.requests
         ]
+        return self._sample(self.execute(chunks), batch)
+
+    def _sample(self, logits: torch.Tensor, batch: StepBatch) -> StepResult:
+        """Sample (and verify) the requests that sample; `logits` holds their rows, in batch order."""
         sampling = [r for r in batch.requests if r.samples]
-        logits = self.execute(chunks)
         if not sampling:
             return StepResult([], [])
         groups = [
@@ -86,6 +91,32 @@ class ModelRunner:
         ]
         tokens, logprobs = self.sampler.sample(logits, groups)
         return StepResult(tokens, logprobs)
+
+    def _execute_with_prompt_logprobs(self, batch: StepBatch) -> StepResult:
+        """A step in which some requests want their prompt's logprobs: those compute logits at every
+        position of their chunk (the others still only where they sample); the prompt rows go to
+        the logprobs, the sampling rows to the sampler."""
+        requests = batch.requests
+        num_logits = [len(r.token_ids) if r.prompt_targets else len(r.samples) for r in requests]
+        chunks = [
+            StepChunk(r.token_ids, r.num_computed, r.block_ids, num_logits=n)
+            for r, n in zip(requests, num_logits, strict=True)
+        ]
+        logits = self.execute(chunks)  # [sum(num_logits), V] float32
+        sample_rows, prompt_rows, targets, ks, owners = [], [], [], [], []
+        first = 0
+        for r, n in zip(requests, num_logits, strict=True):
+            sample_rows.extend(range(first + n - len(r.samples), first + n))
+            prompt_rows.extend(range(first, first + len(r.prompt_targets)))
+            targets.extend(r.prompt_targets)
+            ks.extend([r.prompt_logprobs] * len(r.prompt_targets))
+            owners.extend([r.request_id] * len(r.prompt_targets))
+            first += n
+        result = self._sample(logits[self._tensor(sample_rows)], batch)
+        entries = prompt_logprobs(logits[self._tensor(prompt_rows)], targets, ks)
+        for owner, entry in zip(owners, entries, strict=True):
+            result.prompt_logprobs.setdefault(owner, []).append(entry)
+        return result
 
     @torch.inference_mode()
     def propose(self, asks: list[DraftRequest]) -> list[list[int]]:

@@ -20,6 +20,10 @@ class StepRequest:
     # request's next token, and with num_spec guesses the token after each guess (1 + num_spec)
     samples: list[SampleSpec] = field(default_factory=list)
     num_spec: int = 0  # speculative tokens at the end of token_ids, to verify
+    # prompt logprobs: the prompt tokens that follow the chunk's first len(prompt_targets) positions,
+    # whose logprobs (and prompt_logprobs best alternatives) this step computes; empty: none
+    prompt_targets: list[int] = field(default_factory=list)
+    prompt_logprobs: int = 0  # alternatives per prompt position, with prompt_targets
 
 
 @dataclass
@@ -33,6 +37,8 @@ class StepResult:
     # after them (a single token without speculation)
     sampled_token_ids: list[list[int]]
     logprobs: list[list[TokenLogprobs] | None]  # aligned with sampled_token_ids
+    # request id → one entry per prompt target of its StepRequest (requests that asked for them)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
 
 @dataclass

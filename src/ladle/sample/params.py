@@ -43,13 +43,17 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once if the token occurred in the output
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id → added to its logit
     seed: int | None = None  # same seed, same text, whatever else is in the batch
-    max_tokens: int | None = 16  # tokens to generate at most; None = up to the context length
+    max_tokens: int | None = 16  # tokens to generate at most; None = up to the context length; 0 = none:
+    # the request ends after its prefill (only with prompt_logprobs: a request that scores its prompt)
     min_tokens: int = 0  # stop tokens are suppressed until this many tokens are out
     stop: tuple[str, ...] = ()  # strings that end the output (not included in it)
     stop_token_ids: tuple[int, ...] = ()  # token ids that end the output, besides EOS
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
     include_stop_str_in_output: bool = False  # keep the matched stop string in the text
     logprobs: int | None = None  # None = none; k = the chosen token's logprob plus the k best
+    # None = none; k = per prompt token its logprob plus the k best (vLLM's prompt_logprobs): the request
+    # then computes its whole prompt (no prefix-cache hit)
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True  # leave control tokens out of the text
     speculative: bool = True  # False: never speculate for this request (when the server does)
     structured: StructuredOutput | None = None  # the output must match this (JSON schema, regex, ...)
@@ -83,8 +87,8 @@ class SamplingParams:
         for name in ("frequency_penalty", "presence_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 bad(name, f"must be in [-2, 2], got {getattr(self, name)}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            bad("max_tokens", f"must be at least 1, got {self.max_tokens}")
+        if self.max_tokens is not None and self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            bad("max_tokens", f"must be at least 1 (0 only with prompt logprobs), got {self.max_tokens}")
         if self.min_tokens < 0:
             bad("min_tokens", f"must be >= 0, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -95,6 +99,8 @@ class SamplingParams:
             bad("stop", "strings must be non-empty")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             bad("logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            bad("prompt_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {self.prompt_logprobs}")
         if any(abs(v) > MAX_LOGIT_BIAS for v in self.logit_bias.values()):
             bad("logit_bias", f"values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
 

@@ -214,6 +214,22 @@ class Sampler:
         return out
 
 
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], ks: list[int]) -> list[TokenLogprobs]:
+    """Per row of logits [R, V]: the logprob of the prompt token that follows it (targets[i]) and the
+    ks[i] most likely tokens, from log_softmax in float32 (a step's prompt rows go to the host at once)."""
+    if not targets:
+        return []
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    target_ids = torch.tensor(targets, dtype=torch.int64, device=logits.device)
+    chosen = logprobs.gather(1, target_ids[:, None])[:, 0].tolist()
+    k_max = max(ks)
+    top_ids, top_vals = [[]] * len(targets), [[]] * len(targets)
+    if k_max:
+        vals, ids = logprobs.topk(k_max, dim=-1)
+        top_ids, top_vals = ids.tolist(), vals.tolist()
+    return [TokenLogprobs(chosen[i], list(zip(top_ids[i][:k], top_vals[i][:k], strict=True))) for i, k in enumerate(ks)]
+
+
 def _verify(draws: list[int], guesses: list[int]) -> list[int]:
     """Keep the guesses while they are what plain decoding draws there, then take its draw."""
     accepted = 0

@@ -63,6 +63,7 @@ class Choice:
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: list | None = None  # completions with prompt logprobs: per prompt token (None first)
 
 
 @dataclass
@@ -256,6 +257,8 @@ def _apply(choice: Choice, out: RequestOutput) -> None:
     choice.token_ids.extend(out.new_token_ids)
     if out.logprobs:
         choice.logprobs.extend(zip(out.new_token_ids, out.logprobs, strict=True))
+    if out.prompt_logprobs is not None:
+        choice.prompt_logprobs = out.prompt_logprobs
     if out.finished:
         choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
 
@@ -290,9 +293,9 @@ def _jobs(
     return jobs
 
 
-def _sampling(body, max_tokens, logprobs) -> SamplingParams:
+def _sampling(body, max_tokens, logprobs, prompt_logprobs=None) -> SamplingParams:
     try:
-        return body.sampling_params(max_tokens, logprobs)
+        return body.sampling_params(max_tokens, logprobs, prompt_logprobs)
     except LadleError as e:
         raise from_ladle_error(e) from None
 
@@ -365,7 +368,11 @@ async def completions(request: Request) -> Response:
     text = "\n".join(p for p in body.prompts() if isinstance(p, str))
     state, pick = await _prepare(request, body, Features(text, 1, body.max_tokens))
     endpoint = pick.endpoint
-    params = _sampling(body, body.max_tokens, body.logprobs)
+    try:
+        body.check_max_tokens()
+    except LadleError as e:
+        raise from_ladle_error(e) from None
+    params = _sampling(body, body.max_tokens, body.logprobs, body.prompt_logprobs_count)
     timeout_s = _queue_timeout_s(state, body)
 
     def prepared(ep):  # the prompts in this endpoint's tokens, and their jobs
@@ -390,7 +397,7 @@ async def completions(request: Request) -> Response:
     if body.stream:
         await gen.start(request)
         return StreamingResponse(
-            _completion_stream(gen, rid, created, gen.model, echo, body.include_usage, tok),
+            _completion_stream(gen, rid, created, gen.model, echo, body, tok, prompts),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **gen.headers},
         )
@@ -405,9 +412,12 @@ async def completions(request: Request) -> Response:
                 {
                     "index": c.index,
                     "text": echo[c.index // body.n] + c.text,
-                    "logprobs": _completion_logprobs(tok, c.logprobs, 0) if body.logprobs is not None else None,
+                    "logprobs": _choice_logprobs(
+                        tok, body, prompts[c.index // body.n], c.prompt_logprobs, echo[c.index // body.n], c.logprobs
+                    ),
                     "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason,
+                    **_vllm_prompt_logprobs(tok, body, prompts[c.index // body.n], c.prompt_logprobs),
                 }
                 for c in choices
             ],
@@ -421,30 +431,60 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-async def _completion_stream(gen: Generation, rid, created, model, echo, include_usage, tok):
+def _choice_logprobs(tok, body, prompt_ids, prompt_logprobs, echo_text: str, items, text_offset: int = 0):
+    """A choice's (or a stream chunk's) legacy logprobs: with echo, the prompt's entries (when they
+    came with this output) and then the generated ones; None without logprobs."""
+    if body.logprobs is None:
+        return None
+    generated = _completion_logprobs(tok, items, text_offset + len(echo_text))
+    if not (body.echo and prompt_logprobs is not None):
+        return generated
+    prompt = _completion_logprobs(tok, list(zip(prompt_ids, prompt_logprobs, strict=True)), text_offset)
+    return {key: prompt[key] + generated[key] for key in prompt}
+
+
+def _vllm_prompt_logprobs(tok, body, prompt_ids, prompt_logprobs) -> dict:
+    """vLLM's `prompt_logprobs` field of a choice, when the request set prompt_logprobs: per prompt
+    token None (the first) or {token id: {logprob, decoded_token}} of the token and its alternatives."""
+    if body.prompt_logprobs is None or prompt_logprobs is None:
+        return {}
+    entries = []
+    for token_id, lp in zip(prompt_ids, prompt_logprobs, strict=True):
+        if lp is None:
+            entries.append(None)
+            continue
+        alternatives = {**dict(lp.top), token_id: lp.logprob}
+        entries.append({str(t): {"logprob": v, "decoded_token": _token_text(tok, t)} for t, v in alternatives.items()})
+    return {"prompt_logprobs": entries}
+
+
+async def _completion_stream(gen: Generation, rid, created, model, echo, body, tok, prompts):
     offsets: dict[int, int] = {}
     started: set[int] = set()
-    want_logprobs = gen.jobs[0].params.logprobs is not None
+    include_usage = body.include_usage
     try:
         async for index, out in gen.deltas():
             text = out.new_text
+            prompt_text = ""
             if index not in started:
                 started.add(index)
-                text = echo[index // gen.n] + text
-            if not text and not out.finished and not out.new_token_ids:
+                prompt_text = echo[index // gen.n]
+            if not text and not prompt_text and not out.finished and not out.new_token_ids:
                 continue
             logprobs = None
-            if want_logprobs and out.logprobs:
-                logprobs = _completion_logprobs(
-                    tok, list(zip(out.new_token_ids, out.logprobs, strict=True)), offsets.get(index, 0)
+            if out.logprobs or out.prompt_logprobs is not None:
+                items = list(zip(out.new_token_ids, out.logprobs, strict=True)) if out.logprobs else []
+                logprobs = _choice_logprobs(
+                    tok, body, prompts[index // gen.n], out.prompt_logprobs, prompt_text, items, offsets.get(index, 0)
                 )
-            offsets[index] = offsets.get(index, 0) + len(text)
+            offsets[index] = offsets.get(index, 0) + len(prompt_text + text)
             choice = {
                 "index": index,
-                "text": text,
+                "text": prompt_text + text,
                 "logprobs": logprobs,
                 "finish_reason": out.finish_reason if out.finished else None,
                 "stop_reason": out.stop_reason if out.finished else None,
+                **_vllm_prompt_logprobs(tok, body, prompts[index // gen.n], out.prompt_logprobs),
             }
             chunk = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
             if include_usage:
@@ -474,13 +514,22 @@ def _token_text(tok, token_id: int) -> str:
     return tok.decode([token_id], skip_special_tokens=False)
 
 
+def _top_by_text(tok, top: list[tuple[int, float]]) -> dict[str, float]:
+    """The alternatives keyed by their text, as the legacy format has them; where two tokens share a
+    text (pieces of one UTF-8 character), the better one's logprob stays."""
+    by_text: dict[str, float] = {}
+    for token_id, logprob in top:
+        by_text.setdefault(_token_text(tok, token_id), logprob)
+    return by_text
+
+
 def _completion_logprobs(tok, items, text_offset: int) -> dict:
     tokens, token_logprobs, top, offsets = [], [], [], []
-    for token_id, lp in items:
+    for token_id, lp in items:  # lp None: the prompt's first token (nothing to predict it from)
         text = _token_text(tok, token_id)
         tokens.append(text)
-        token_logprobs.append(lp.logprob)
-        top.append({_token_text(tok, t): v for t, v in lp.top})
+        token_logprobs.append(None if lp is None else lp.logprob)
+        top.append(None if lp is None else _top_by_text(tok, lp.top))
         offsets.append(text_offset)
         text_offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}

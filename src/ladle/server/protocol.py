@@ -123,7 +123,9 @@ class SamplingFields(BaseModel):
             )
         return found[0] if found else None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         bias = {}
         for key, value in (self.logit_bias or {}).items():
             try:
@@ -148,6 +150,7 @@ class SamplingFields(BaseModel):
             ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             speculative=self.speculative,
             structured=self.structured(),
@@ -162,9 +165,12 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool = False  # the prompt before the completion (with logprobs: the prompt's logprobs first)
     suffix: str | None = None
     best_of: int | None = None
+    # vLLM's: per prompt token its logprob and this many alternatives, in the choice's `prompt_logprobs`
+    # (echo with logprobs asks for them too, at logprobs alternatives)
+    prompt_logprobs: int | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -178,8 +184,27 @@ class CompletionRequest(SamplingFields):
             return "suffix", "suffix (insertion) is not supported"
         if self.best_of is not None and self.best_of != self.n:
             return "best_of", "best_of other than n is not supported"
+        return None
+
+    def check_max_tokens(self) -> None:
+        """max_tokens 0 asks for the prompt alone (scored, with logprobs): only with echo, as in vLLM."""
+        if self.max_tokens is not None and self.max_tokens < 1 and not (self.echo and self.max_tokens == 0):
+            raise InvalidRequestError(
+                f"max_tokens must be at least 1, got {self.max_tokens} (0 is allowed with echo: the prompt "
+                "alone, with its logprobs when logprobs is set)",
+                param="max_tokens",
+            )
+
+    @property
+    def prompt_logprobs_count(self) -> int | None:
+        """Alternatives per prompt token the engine computes (None: no prompt logprobs). echo with
+        max_tokens 0 and no logprobs still runs the prompt as a scoring request (with none)."""
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
         if self.echo and self.logprobs is not None:
-            return "echo", "echo together with logprobs (prompt logprobs) is not supported"
+            return self.logprobs
+        if self.echo and self.max_tokens == 0:
+            return 0
         return None
 
     def prompts(self) -> list[str | list[int]]:
@@ -240,8 +265,14 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool = True  # false: at most one call per answer
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    echo: bool = False  # refused: a field of /v1/completions
 
     def unsupported(self) -> tuple[str, str] | None:
+        if self.echo:
+            return "echo", (
+                "echo is not supported on chat completions; use /v1/completions with echo (and logprobs for "
+                "the prompt's logprobs)"
+            )
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs to be true"
         return None
