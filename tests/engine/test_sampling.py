@@ -163,3 +163,23 @@ def test_a_draw_never_picks_a_token_of_probability_zero():
             u.fill_(edges[i])
         tokens = sampler._draw(probs, u).tolist()
         assert tokens[0] == 1 and tokens[1] in (10, 30) and tokens[2] == 49
+
+
+def test_grammar_masks_set_exactly_the_disallowed_tokens_to_minus_infinity():
+    """apply_masks against the bits read one by one: rows chosen, the others untouched."""
+    from ladle.sample.sampler import apply_masks
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = 100  # not a multiple of 32: the last word's high bits are ignored
+    logits = torch.randn(3, vocab, generator=gen)
+    masks = torch.randint(-(2**31), 2**31 - 1, (2, (vocab + 31) // 32), dtype=torch.int32, generator=gen)
+    before = logits.clone()
+    apply_masks(logits, [0, 2], masks)
+    for row, mask in ((0, masks[0]), (2, masks[1])):
+        for t in range(vocab):
+            allowed = (int(mask[t // 32]) >> (t % 32)) & 1
+            assert logits[row, t] == (before[row, t] if allowed else float("-inf"))
+    assert torch.equal(logits[1], before[1])
+    full = before[[0, 2]].clone()
+    apply_masks(full, [0, 1], masks)  # every row: the add without an index
+    assert torch.equal(full[0], logits[0]) and torch.equal(full[1], logits[2])

@@ -27,6 +27,7 @@ some of rejection sampling's acceptance (sum of min(p, q)) for the identity with
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +35,9 @@ import torch
 from ladle.sample.params import SampleSpec, TokenLogprobs
 
 _MASK64 = (1 << 64) - 1
-_SHIFTS = torch.arange(32, dtype=torch.int32)
+# byte value -> its 8 bits as additive logit masks (0 where the bit is set, -inf where not)
+_BIT_TABLE = torch.tensor([[0.0 if (b >> i) & 1 else float("-inf") for i in range(8)] for b in range(256)])
+assert sys.byteorder == "little", "apply_masks reads the grammar masks' bytes in little-endian order"
 
 
 def _mix64(z: int) -> int:
@@ -276,10 +279,14 @@ def fill_masks(rows: list[tuple[int, object, list[int]]], num_words: int) -> tor
 
 
 def apply_masks(logits: torch.Tensor, rows: list[int], masks: torch.Tensor) -> None:
-    """Disallowed tokens of the given rows to -inf, in place."""
+    """Disallowed tokens of the given rows to -inf, in place: each mask byte picks its 8 additive
+    entries (0 or -inf) from a table, one gather and one add (a bit-by-bit unpack and masked_fill
+    took 1-2 ms for 8 rows of a 49k vocabulary; this takes about 0.1 ms). Bytes are read in memory
+    order: bit i of word w is token 32w + i on a little-endian machine."""
     vocab = logits.shape[1]
-    bits = ((masks.unsqueeze(-1) >> _SHIFTS) & 1).reshape(len(rows), -1)[:, :vocab]
-    index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
-    sub = logits.index_select(0, index)
-    sub.masked_fill_(bits.to(logits.device) == 0, float("-inf"))
-    logits.index_copy_(0, index, sub)
+    table = _BIT_TABLE if logits.dtype == torch.float32 else _BIT_TABLE.to(logits.dtype)
+    add = table.index_select(0, masks.view(torch.uint8).reshape(-1).long()).reshape(len(rows), -1)[:, :vocab]
+    if len(rows) == logits.shape[0] and rows == list(range(len(rows))):
+        logits.add_(add.to(logits.device))
+    else:
+        logits.index_add_(0, torch.tensor(rows, dtype=torch.int64, device=logits.device), add.to(logits.device))
