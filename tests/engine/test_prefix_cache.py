@@ -46,3 +46,18 @@ def test_shared_1000_token_system_prompt_is_computed_once_across_20_requests(emb
         loaded=embedded_fp32,
     )
     assert [r.token_ids for r in cold.generate(prompts[:3], params)] == [r.token_ids for r in results[:3]]
+
+
+def test_a_request_that_ends_in_its_prefill_step_leaves_its_prompt_cached(embedded_fp32):
+    """max_tokens 1 (the first token comes with the last prefill chunk, and ends the request):
+    its prompt's full blocks are filed before they are freed, so the next request finds them."""
+    llm = LLM(config=EngineConfig(model=ModelConfig(max_model_len=1024), cache=CacheConfig(kv_cache_memory_gib=0.2)),
+              loaded=embedded_fp32)  # fmt: skip
+    prompt = llm.tokenizer.encode(" ".join(f"line {i} of a long shared document" for i in range(40)))
+    block = llm.config.cache.block_size
+    first = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))[0]
+    assert first.num_cached_tokens == 0 and len(first.token_ids) == 1
+    second = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3))[0]
+    assert second.num_cached_tokens == (len(prompt) - 1) // block * block  # every full block but the last token's
+    assert second.token_ids[0] == first.token_ids[0]
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.pool.num_blocks

@@ -435,6 +435,9 @@ class EngineCore:
 
     def _finish(self, request: Request, reason: FinishReason, stop_reason=None) -> None:
         if request.status != RequestStatus.FINISHED:
+            # what it computed stays findable: one that ends in the step of its last prefill chunk
+            # (max_tokens 1, a scoring request) files that chunk here, before its blocks are freed
+            self.kv.cache_computed_blocks(request)
             self.scheduler.remove(request)
             self.stats.num_finished += 1
         request.status, request.finish_reason, request.stop_reason = RequestStatus.FINISHED, reason, stop_reason

@@ -134,7 +134,8 @@ class KVCacheManager:
         if not table:
             return
         bs = self.block_size
-        num_full = min(request.num_computed_tokens // bs, len(table))
+        # computed and known: a stop among accepted guesses leaves computed tokens past the output
+        num_full = min(min(request.num_computed_tokens, request.num_tokens) // bs, len(table))
         start = self.num_cached_blocks.get(request.request_id, 0)
         if num_full <= start:
             return
