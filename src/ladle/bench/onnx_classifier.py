@@ -77,8 +77,13 @@ def build_classifier_repository(
     preferred = ", ".join(str(n) for n in sorted({max(1, max_batch_size // 4), max(1, max_batch_size // 2)}))
     (folder / "config.yaml").write_text(
         CONFIG_TEMPLATE.format(
-            name=name, model=type(model.steps[-1][1]).__name__, dataset=dataset, max_batch_size=max_batch_size,
-            num_features=x.shape[1], num_classes=len(np.unique(y)), max_queue_delay_ms=max_queue_delay_ms,
+            name=name,
+            model=type(model.steps[-1][1]).__name__,
+            dataset=dataset,
+            max_batch_size=max_batch_size,
+            num_features=x.shape[1],
+            num_classes=len(np.unique(y)),
+            max_queue_delay_ms=max_queue_delay_ms,
             preferred=preferred,
         )  # fmt: skip
     )

@@ -148,7 +148,8 @@ def _as_error(e: Exception) -> Exception:
 def _check_spec(spec: TensorSpec, graph, max_batch_size: int, where: str) -> None:
     datatype = ORT_TYPES.get(graph.type)
     if datatype != spec.datatype:
-        raise LadleError(f"{where}.datatype: {spec.datatype} but the model's {graph.name!r} is {datatype or graph.type}")
+        actual = datatype or graph.type
+        raise LadleError(f"{where}.datatype: {spec.datatype} but the model's {graph.name!r} is {actual}")
     dims = [d if isinstance(d, int) else -1 for d in graph.shape]  # symbolic or None: variable
     if max_batch_size > 0:
         if not dims:
