@@ -104,14 +104,7 @@ async def _start_models(state: ServerState, server_ref: list) -> None:
         url = f"http://{state.config.server.host}:{state.config.server.port}"
         for e in starting:
             if e.phase == Phase.READY:
-                info = e.info
-                print(
-                    f"ladle: serving {info.model_name} ({info.weights_description} on {info.device}, "
-                    f"{info.attention_backend} attention, "
-                    f"KV cache {info.kv_capacity_tokens} tokens, context {info.max_model_len}) at {url}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                print(f"ladle: serving {e.summary()} at {url}", file=sys.stderr, flush=True)
             else:
                 print(f"ladle: model {e.name} failed to load: {e.failure}", file=sys.stderr, flush=True)
 
@@ -128,10 +121,16 @@ def create_state(cfg: LadleConfig) -> ServerState:
     compute = ComputeLoop().start()
 
     def loaded(endpoint) -> None:
-        metrics.attach_engine(endpoint.name, lambda: endpoint.stats, endpoint.info.block_size)
+        if endpoint.kind == "llm":  # engine stats read at scrape time; batchers report per batch
+            metrics.attach_engine(endpoint.name, lambda: endpoint.stats, endpoint.info.block_size)
 
     registry = Registry(
-        cfg, compute, warmup=cfg.server.warmup, on_loaded=loaded, on_unloaded=lambda e: metrics.detach_engine(e.name)
+        cfg,
+        compute,
+        warmup=cfg.server.warmup,
+        on_loaded=loaded,
+        on_unloaded=lambda e: metrics.detach_engine(e.name),
+        observe_batch=metrics.observe_batch,
     )
     return ServerState(config=cfg, metrics=metrics, registry=registry, router=Router(cfg, registry))
 
