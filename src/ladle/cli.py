@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ladle import __version__
 from ladle.config import (
@@ -271,6 +272,13 @@ def _add_serve_args(srv: argparse.ArgumentParser) -> None:
         default=e.tool_call_parser,
         choices=TOOL_CALL_PARSERS,
         help="how the model writes tool calls (auto: from its chat template; hermes where it shows none)",
+    )
+    g.add_argument(
+        "--model-repository",
+        default=None,
+        metavar="DIR",
+        help="also serve the tensor (ONNX) models of this folder over KServe v2 (docs/model-repository.md); "
+        "without --model, only those",
     )
     g.add_argument("--no-warmup", action="store_true", help="skip the warm-up passes before /ready")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -585,6 +593,13 @@ def _config_from_flags(args: argparse.Namespace, defaults: dict):
     from ladle.config import LadleConfig
     from ladle.model.source import resolve_model
 
+    admission = AdmissionConfig(
+        enabled=not args.no_admission, max_queue_wait_s=args.max_queue_wait, queue_timeout_s=args.queue_timeout
+    )
+    server = _server_config(args, ServerConfig(), defaults)
+    if args.model_repository and args.model is None:  # the repository's tensor models alone
+        cfg = LadleConfig(server=server, admission=admission, model_repository=args.model_repository)
+        return _with_tensor_models(cfg, ".", f"--model-repository {args.model_repository}")
     source = resolve_model(args.model, args.served_model_name)  # a bad path fails here, before binding
     entry = ModelEntry(
         name=source.name,
@@ -593,10 +608,17 @@ def _config_from_flags(args: argparse.Namespace, defaults: dict):
         max_waiting_requests=args.max_waiting_requests,
         tool_call_parser=args.tool_call_parser,
     )
-    admission = AdmissionConfig(
-        enabled=not args.no_admission, max_queue_wait_s=args.max_queue_wait, queue_timeout_s=args.queue_timeout
-    )
-    return LadleConfig(models=(entry,), server=_server_config(args, ServerConfig(), defaults), admission=admission)
+    cfg = LadleConfig(models=(entry,), server=server, admission=admission, model_repository=args.model_repository)
+    return _with_tensor_models(cfg, ".", f"--model-repository {args.model_repository}")
+
+
+def _with_tensor_models(cfg, base_dir, source: str):
+    from ladle.router.onnx import with_tensor_models
+
+    cfg = with_tensor_models(cfg, base_dir)
+    if not cfg.models:
+        raise LadleError(f"{source}: no model folders (each one holds a config.yaml and a version folder)")
+    return cfg
 
 
 def _config_from_file(args: argparse.Namespace, defaults: dict):
@@ -606,12 +628,16 @@ def _config_from_file(args: argparse.Namespace, defaults: dict):
         f"--{dest.replace('_', '-')}"
         for dest, value in vars(args).items()
         if dest in defaults and dest not in SERVER_FLAGS
-        and dest not in ("config", "no_warmup", "log_level", "no_admission")
+        and dest not in ("config", "no_warmup", "log_level", "no_admission", "model_repository")
         and value != defaults[dest]
     )  # fmt: skip
     if model_flags:
         raise LadleError(f"{', '.join(model_flags)}: with --config, give model settings in the file")
     cfg = load_config_file(args.config)
+    if args.model_repository:
+        cfg = dataclasses.replace(cfg, model_repository=str(Path(args.model_repository).resolve()))
+    if cfg.models or cfg.model_repository:
+        cfg = _with_tensor_models(cfg, Path(args.config).expanduser().parent, args.config)
     if not cfg.models:
         raise LadleError(f"{args.config}: the config declares no models (a `models:` list)")
     admission = dataclasses.replace(cfg.admission, enabled=False) if args.no_admission else cfg.admission

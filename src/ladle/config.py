@@ -306,6 +306,9 @@ class LadleConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     routers: tuple[RouterConfig, ...] = ()
+    model_repository: str | None = (
+        None  # a folder of tensor models (docs/model-repository.md): each one a kind onnx entry
+    )
 
     def __post_init__(self):
         seen: dict[str, str] = {}

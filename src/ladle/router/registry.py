@@ -60,12 +60,18 @@ def _local_llm(entry: ModelEntry, context: EndpointContext) -> Endpoint:
     return LocalLLM(entry, context.compute, context.warmup)
 
 
+def _onnx(entry: ModelEntry, context: EndpointContext) -> Endpoint:
+    from ladle.router.onnx import OnnxEndpoint
+
+    return OnnxEndpoint(entry, context.observe_batch, context.warmup)
+
+
 def endpoint_creators() -> dict[str, Callable[[ModelEntry, EndpointContext], Endpoint]]:
     """How each ModelEntry.kind (config.MODEL_KINDS) is served: one creator per kind."""
     return {
         "llm": _local_llm,
         # "embedding": ladle.router.embedding (issue 17, i17-embed)
-        # "onnx": ladle.router.onnx plugs in here (issue 17, i17-kserve)
+        "onnx": _onnx,
     }
 
 

@@ -46,6 +46,8 @@ class OnnxSessions:
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+            # no busy-waiting between calls: the cores are shared with the HTTP loop and other models
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
                 session = ort.InferenceSession(str(model.model_path), options, providers=providers)
             except Exception as e:  # ORT raises its own (Fail, InvalidProtobuf, ...): a bad file is the user's

@@ -22,15 +22,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ladle import __version__
+from ladle.engine.batcher import BatchQueueTimeout, QueueFull
 from ladle.errors import LadleError
-from ladle.router.endpoint import Phase
+from ladle.router.endpoint import INFER, Phase
 from ladle.router.registry import ModelNotFound
 from ladle.server.errors import APIError
 from ladle.server.kserve_tensors import HEADER_LENGTH, encode_infer_response, parse_infer_request
 from ladle.server.state import ServerPhase, ServerState
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration"]
-INFER = "infer"
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx"}  # a repository config's platform -> Triton's name for it
 # registry phases -> the model repository extension's states
 REPOSITORY_STATES = {
@@ -149,7 +149,7 @@ async def infer(request: Request) -> Response:
     cfg = _tensor_config(endpoint)
     body = await request.body()
     parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), cfg)
-    endpoint = (await state.resolve(endpoint.name)).endpoint  # waits for (or starts) its load; 503 if it cannot
+    endpoint = await state.acquire(endpoint.name, INFER)  # waits for (or starts) its load; 503 if it cannot
     try:
         results = await endpoint.infer(parsed.inputs, parsed.num_rows)
     except LadleError as e:
@@ -159,9 +159,17 @@ async def infer(request: Request) -> Response:
 
 
 def _infer_error(e: LadleError) -> APIError:
-    """The batcher's refusals and ONNX Runtime's complaints about the inputs, as statuses."""
-    status = getattr(e, "http_status", 400)
-    return APIError(status, str(e), code=getattr(e, "code", "invalid_value"))
+    """The batcher's refusals as 503 (as Triton answers a full queue), ONNX Runtime's complaints
+    about the inputs as 400."""
+    from ladle.runner.onnx_session import OnnxRunError
+
+    if isinstance(e, QueueFull):
+        return APIError(503, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after_s)})
+    if isinstance(e, BatchQueueTimeout):
+        return APIError(503, str(e), code="queue_timeout", headers={"Retry-After": "1"})
+    if isinstance(e, OnnxRunError):
+        return APIError(400, str(e), code="invalid_value")
+    return APIError(503, str(e), code="model_not_ready")
 
 
 # -- the model repository extension ----------------------------------------------------------------
