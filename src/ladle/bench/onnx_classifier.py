@@ -49,10 +49,11 @@ def build_classifier_repository(
     max_batch_size: int = 64,
     max_queue_delay_ms: float = 2.0,
     hidden: int = 0,
+    preferred_batch_sizes: tuple[int, ...] | None = None,
 ) -> Path:
     """Train, export and write `<repo>/<name>/`; returns that folder. hidden > 0 trains a
     multi-layer perceptron with that many hidden units (more compute per row) instead of a
-    logistic regression."""
+    logistic regression. preferred_batch_sizes: default a quarter and a half of max_batch_size."""
     import numpy as np
     from skl2onnx import to_onnx
     from sklearn import datasets
@@ -74,7 +75,9 @@ def build_classifier_repository(
     folder = Path(repo) / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
     (folder / "1" / "model.onnx").write_bytes(onx.SerializeToString())
-    preferred = ", ".join(str(n) for n in sorted({max(1, max_batch_size // 4), max(1, max_batch_size // 2)}))
+    if preferred_batch_sizes is None:
+        preferred_batch_sizes = sorted({max(1, max_batch_size // 4), max(1, max_batch_size // 2)})
+    preferred = ", ".join(str(n) for n in preferred_batch_sizes)
     (folder / "config.yaml").write_text(
         CONFIG_TEMPLATE.format(
             name=name,
