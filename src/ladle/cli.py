@@ -499,6 +499,21 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--rounds", type=int, default=3, metavar="N", help="TPOT pairs to take the median of (3)")
     st.add_argument("--results-dir", default="benchmarks/results", metavar="DIR")
     st.set_defaults(func=_cmd_bench_structured)
+    from ladle.bench.kserve import KServeBenchOptions
+
+    k = KServeBenchOptions()
+    bk = bench.add_parser(
+        "kserve", help="concurrent clients against an ONNX classifier over KServe v2: dynamic batching vs batch 1"
+    )
+    bk.add_argument("--concurrency", type=int, default=k.concurrency, metavar="N", help=f"clients ({k.concurrency})")
+    bk.add_argument("--duration", type=float, default=k.duration_s, metavar="S", help=f"per mode ({k.duration_s:g} s)")
+    bk.add_argument("--warmup", type=float, default=k.warmup_s, metavar="S", help=f"per mode ({k.warmup_s:g} s)")
+    bk.add_argument("--hidden", type=int, default=k.hidden, metavar="N", help=f"MLP hidden units ({k.hidden})")
+    bk.add_argument("--num-layers", type=int, default=k.num_layers, metavar="N", help=f"({k.num_layers})")
+    bk.add_argument("--max-queue-delay-ms", type=float, default=k.max_queue_delay_ms, metavar="MS")
+    bk.add_argument("--port", type=int, default=k.port, help=f"({k.port})")
+    bk.add_argument("--results-dir", default=k.results_dir, metavar="DIR")
+    bk.set_defaults(func=_cmd_bench_kserve)
     from ladle.bench.burst import BurstOptions
 
     d = BurstOptions(config="", model="")
@@ -542,6 +557,17 @@ def _cmd_bench_burst(args: argparse.Namespace) -> int:
         input_len=args.input_len, output_len=args.output_len, retries=args.retries, port=args.port, seed=args.seed,
         results_dir=args.results_dir,
     ))  # fmt: skip
+
+
+def _cmd_bench_kserve(args: argparse.Namespace) -> int:
+    from ladle.bench.kserve import KServeBenchOptions, main
+
+    opts = KServeBenchOptions(
+        concurrency=args.concurrency, duration_s=args.duration, warmup_s=args.warmup, hidden=args.hidden,
+        num_layers=args.num_layers, max_queue_delay_ms=args.max_queue_delay_ms, port=args.port,
+        results_dir=args.results_dir,
+    )  # fmt: skip
+    return main(opts)
 
 
 def _cmd_bench_structured(args: argparse.Namespace) -> int:

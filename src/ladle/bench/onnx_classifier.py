@@ -50,10 +50,13 @@ def build_classifier_repository(
     max_queue_delay_ms: float = 2.0,
     hidden: int = 0,
     preferred_batch_sizes: tuple[int, ...] | None = None,
+    num_layers: int = 2,
+    max_iter: int = 300,
 ) -> Path:
     """Train, export and write `<repo>/<name>/`; returns that folder. hidden > 0 trains a
     multi-layer perceptron with that many hidden units (more compute per row) instead of a
-    logistic regression. preferred_batch_sizes: default a quarter and a half of max_batch_size."""
+    logistic regression (num_layers layers, at most max_iter epochs). preferred_batch_sizes: default a
+    quarter and a half of max_batch_size."""
     import numpy as np
     from skl2onnx import to_onnx
     from sklearn import datasets
@@ -62,7 +65,7 @@ def build_classifier_repository(
         raise ValueError(f"unknown data set {dataset!r} (choose {', '.join(DATASETS)})")
     x, y = getattr(datasets, f"load_{dataset}")(return_X_y=True)
     x = x.astype(np.float32)
-    model = _train(x, y, hidden)
+    model = _train(x, y, hidden, num_layers, max_iter)
     onx = to_onnx(
         model,
         x[:1],
@@ -93,18 +96,23 @@ def build_classifier_repository(
     return folder
 
 
-def _train(x, y, hidden: int):
+def _train(x, y, hidden: int, num_layers: int, max_iter: int):
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     head = (
-        MLPClassifier(hidden_layer_sizes=(hidden, hidden), max_iter=300, random_state=0)
+        MLPClassifier(hidden_layer_sizes=(hidden,) * num_layers, max_iter=max_iter, random_state=0)
         if hidden
         else LogisticRegression(max_iter=1000)
     )
-    return make_pipeline(StandardScaler(), head).fit(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a few epochs are enough for a benchmark model
+        return make_pipeline(StandardScaler(), head).fit(x, y)
 
 
 def _float_input(num_features: int):
