@@ -110,8 +110,11 @@ def test_tensor_models_in_v1_models_and_the_admin_api(server):
     status, _, body = server.request("GET", "/v1/models")
     assert status == 200 and {"iris", "iris8", "tiny"} <= {m["id"] for m in body["data"]}
     status, _, body = server.request("GET", "/admin/models", headers={"Authorization": "Bearer adm"})
-    kinds = {m["name"]: m["kind"] for m in body["models"]}
-    assert kinds["iris"] == "onnx" and kinds["tiny"] == "llm"
+    models = {m["name"]: m for m in body["models"]}
+    assert models["iris"]["kind"] == "onnx" and models["tiny"]["kind"] == "llm"
+    assert models["iris"]["state"] == "ready" and models["iris"]["memory_bytes"] > 0
+    assert models["iris"]["batching"]["max_batch_size"] == 64
+    assert models["iris"]["tensor_model"]["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [4]}]
 
 
 def test_llm_on_v2_is_refused_clearly(server):

@@ -169,6 +169,26 @@ class OnnxEndpoint:
             f"batches up to {self.entry.batching.max_batch_size})"
         )
 
+    def details(self) -> dict:
+        """The admin API's view: the repository config, the batching and the sessions."""
+        cfg, b = self.model.config, self.entry.batching
+        out = {
+            "tensor_model": {
+                "folder": str(self.model.folder), "version": self.model.version, "platform": cfg.platform,
+                "max_batch_size": cfg.max_batch_size,
+                "inputs": [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in cfg.inputs],
+                "outputs": [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in cfg.outputs],
+            },
+            "batching": {"max_batch_size": b.max_batch_size, "max_queue_delay_ms": b.max_queue_delay_ms,
+                         "preferred_batch_sizes": list(b.preferred_batch_sizes), "instances": b.instances,
+                         "max_queue_size": b.max_queue_size, "queued": self.num_queued},
+        }  # fmt: skip
+        if self.sessions is not None:
+            info = self.sessions.info
+            out["tensor_model"]["providers"] = list(info.providers)
+            out["tensor_model"]["threads_per_instance"] = info.num_threads
+        return out
+
     def status(self) -> EndpointStatus:
         return EndpointStatus(
             self.phase, self.failure, self.ready_since_s, self.last_used_s, self.memory_bytes, self.num_in_flight

@@ -50,6 +50,9 @@ def describe(endpoint) -> dict:
             "kv_cache_tokens": info.kv_capacity_tokens,
             "max_model_len": info.max_model_len,
         }
+    details = getattr(endpoint, "details", None)  # what a kind adds of its own (a tensor model's config)
+    if details is not None:
+        out.update(details())
     if load is not None and load.is_measured:
         out["load"] = {
             "running": load.num_running,
