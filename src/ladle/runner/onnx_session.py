@@ -87,15 +87,19 @@ class OnnxSessions:
 
     def run_batch(self, items: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray] | Exception]:
         """Each item's outputs: items whose non-batch shapes agree run as one call (concatenated
-        along the batch dimension), others in calls of their own; a failing call fails only its items."""
+        along the batch dimension, at most max_batch_size rows a call), others in calls of their
+        own; a failing call fails only its items."""
         names = [s.name for s in self.model.config.outputs]
         if self.model.config.max_batch_size == 0:
             return [self._one(item, names) for item in items]
         results: list = [None] * len(items)
-        groups: dict[tuple, list[int]] = {}
-        for i, item in enumerate(items):
-            groups.setdefault(tuple((k, v.shape[1:]) for k, v in sorted(item.items())), []).append(i)
-        for idx in groups.values():
+        items = list(items)
+        for i, item in enumerate(items):  # an item whose tensors ORT cannot take fails alone, before joining
+            try:
+                items[i] = {k: _ort_value(k, v) for k, v in item.items()}
+            except OnnxRunError as e:
+                results[i] = e
+        for idx in self._calls(items, [i for i in range(len(items)) if results[i] is None]):
             try:
                 joined = {k: np.concatenate([items[i][k] for i in idx]) for k in items[idx[0]]}
                 outs = self.run(joined, names)
@@ -105,13 +109,26 @@ class OnnxSessions:
                 continue
             start = 0
             for i in idx:
-                rows = len(next(iter(items[i].values())))
+                rows = _rows(items[i])
                 results[i] = {n: o[start : start + rows] for n, o in zip(names, outs, strict=True)}
                 start += rows
         return results
 
+    def _calls(self, items: list[dict[str, np.ndarray]], indices: list[int]) -> list[list[int]]:
+        """The items (of `indices`) of each ONNX Runtime call: same non-batch shapes, rows up to
+        max_batch_size."""
+        groups: dict[tuple, list[list[int]]] = {}
+        for i in indices:
+            item = items[i]
+            calls = groups.setdefault(tuple((k, v.shape[1:]) for k, v in sorted(item.items())), [[]])
+            if calls[-1] and sum(_rows(items[j]) for j in calls[-1]) + _rows(item) > self.model.config.max_batch_size:
+                calls.append([])
+            calls[-1].append(i)
+        return [call for calls in groups.values() for call in calls]
+
     def _one(self, item, names):
         try:
+            item = {k: _ort_value(k, v) for k, v in item.items()}
             return dict(zip(names, self.run(item, names), strict=True))
         except Exception as e:
             return _as_error(e)
@@ -136,6 +153,20 @@ class OnnxSessions:
         return out
 
 
+def _rows(item: dict[str, np.ndarray]) -> int:
+    return len(next(iter(item.values())))
+
+
+def _ort_value(name: str, array: np.ndarray) -> np.ndarray:
+    """BYTES tensors (bytes objects) as the strings ONNX Runtime's string tensors take."""
+    if array.dtype != object:
+        return array
+    try:
+        return np.vectorize(lambda v: v.decode("utf-8") if isinstance(v, bytes) else v, otypes=[object])(array)
+    except UnicodeDecodeError:
+        raise OnnxRunError(f"input {name!r}: a BYTES element is not UTF-8 text (the model takes strings)") from None
+
+
 class OnnxRunError(LadleError):
     """ONNX Runtime refused the inputs (a shape the graph cannot take): the request's fault."""
 
@@ -156,9 +187,10 @@ def _check_spec(spec: TensorSpec, graph, max_batch_size: int, where: str) -> Non
     if max_batch_size > 0:
         if not dims:
             raise LadleError(f"{where}.shape: max_batch_size > 0 needs a batch dimension; {graph.name!r} is a scalar")
-        if dims[0] not in (-1, max_batch_size) and dims[0] < max_batch_size:
+        if dims[0] != -1 and not dims[0] == max_batch_size == 1:
             raise LadleError(
-                f"{where}: max_batch_size {max_batch_size} but {graph.name!r} takes batches of {dims[0]} only"
+                f"{where}: max_batch_size {max_batch_size} needs a variable batch dimension, but {graph.name!r} "
+                f"takes batches of {dims[0]} only (export it with a batch dimension of None)"
             )
         dims = dims[1:]
     ok = len(dims) == len(spec.shape) and all(g == -1 or g == s for g, s in zip(dims, spec.shape, strict=True))
