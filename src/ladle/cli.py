@@ -19,7 +19,9 @@ from ladle.config import (
     QUANTIZATION_METHODS,
     TOOL_CALL_PARSERS,
     AdmissionConfig,
+    BatchingConfig,
     CacheConfig,
+    EngineConfig,
     LatencyTargets,
     ModelConfig,
     ModelEntry,
@@ -282,6 +284,29 @@ def _add_serve_args(srv: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-warmup", action="store_true", help="skip the warm-up passes before /ready")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    b = BatchingConfig()
+    g = srv.add_argument_group("embedding model (served beside the LLM; its requests are dynamically batched)")
+    g.add_argument(
+        "--embedding-model",
+        default=None,
+        metavar="PATH",
+        help="a sentence-transformers folder (default: the embedded all-MiniLM-L6-v2)",
+    )
+    g.add_argument("--no-embedding-model", action="store_true", help="serve the LLM alone")
+    g.add_argument(
+        "--embedding-max-batch-size",
+        type=int,
+        default=b.max_batch_size,
+        metavar="N",
+        help=f"inputs per batch at most ({b.max_batch_size})",
+    )
+    g.add_argument(
+        "--embedding-max-queue-delay-ms",
+        type=float,
+        default=b.max_queue_delay_ms,
+        metavar="MS",
+        help=f"how long a batch's first input waits for others ({b.max_queue_delay_ms:g} ms)",
+    )
     g = srv.add_argument_group("admission")
     g.add_argument("--ttft-target-ms", type=float, default=None, metavar="MS", help="P95 time-to-first-token target")
     g.add_argument("--tpot-target-ms", type=float, default=None, metavar="MS", help="P95 time-per-output-token target")
@@ -634,7 +659,8 @@ def _config_from_flags(args: argparse.Namespace, defaults: dict):
         max_waiting_requests=args.max_waiting_requests,
         tool_call_parser=args.tool_call_parser,
     )
-    cfg = LadleConfig(models=(entry,), server=server, admission=admission, model_repository=args.model_repository)
+    models = (entry, *_embedding_entry(args, taken=set(entry.names)))
+    cfg = LadleConfig(models=models, server=server, admission=admission, model_repository=args.model_repository)
     return _with_tensor_models(cfg, ".", f"--model-repository {args.model_repository}")
 
 
@@ -645,6 +671,32 @@ def _with_tensor_models(cfg, base_dir, source: str):
     if not cfg.models:
         raise LadleError(f"{source}: no model folders (each one holds a config.yaml and a version folder)")
     return cfg
+
+
+def _embedding_entry(args: argparse.Namespace, taken: set[str]) -> tuple[ModelEntry, ...]:
+    """The embedding model served beside the LLM: --embedding-model, else the embedded MiniLM
+    (skipped with a warning where its package is not installed), none with --no-embedding-model."""
+    from ladle.model.source import EMBEDDING_ALIASES, resolve_embedding_model
+
+    if args.no_embedding_model:
+        return ()
+    try:
+        source = resolve_embedding_model(args.embedding_model)
+    except LadleError as e:
+        if args.embedding_model is not None:
+            raise
+        logging.getLogger("ladle").warning("serving no embedding model: %s", e)
+        return ()
+    if source.name in taken:
+        raise LadleError(f"--embedding-model: the name {source.name!r} is already the LLM's")
+    aliases = tuple(a for a in EMBEDDING_ALIASES if a not in taken) if args.embedding_model is None else ()
+    batching = BatchingConfig(
+        max_batch_size=args.embedding_max_batch_size, max_queue_delay_ms=args.embedding_max_queue_delay_ms
+    )
+    model = ModelConfig(model=str(source.path), served_name=source.name)
+    return (
+        ModelEntry(source.name, kind="embedding", engine=EngineConfig(model=model), aliases=aliases, batching=batching),
+    )
 
 
 def _config_from_file(args: argparse.Namespace, defaults: dict):

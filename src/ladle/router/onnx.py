@@ -170,24 +170,19 @@ class OnnxEndpoint:
         )
 
     def details(self) -> dict:
-        """The admin API's view: the repository config, the batching and the sessions."""
-        cfg, b = self.model.config, self.entry.batching
-        out = {
-            "tensor_model": {
-                "folder": str(self.model.folder), "version": self.model.version, "platform": cfg.platform,
-                "max_batch_size": cfg.max_batch_size,
-                "inputs": [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in cfg.inputs],
-                "outputs": [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in cfg.outputs],
-            },
-            "batching": {"max_batch_size": b.max_batch_size, "max_queue_delay_ms": b.max_queue_delay_ms,
-                         "preferred_batch_sizes": list(b.preferred_batch_sizes), "instances": b.instances,
-                         "max_queue_size": b.max_queue_size, "queued": self.num_queued},
+        """The admin API's view beside the batching it shows for every batched kind: the
+        repository config and the sessions."""
+        cfg = self.model.config
+        tensor = {
+            "folder": str(self.model.folder), "version": self.model.version, "platform": cfg.platform,
+            "max_batch_size": cfg.max_batch_size,
+            "inputs": [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in cfg.inputs],
+            "outputs": [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in cfg.outputs],
         }  # fmt: skip
         if self.sessions is not None:
-            info = self.sessions.info
-            out["tensor_model"]["providers"] = list(info.providers)
-            out["tensor_model"]["threads_per_instance"] = info.num_threads
-        return out
+            tensor["providers"] = list(self.sessions.info.providers)
+            tensor["threads_per_instance"] = self.sessions.info.num_threads
+        return {"tensor_model": tensor}
 
     def status(self) -> EndpointStatus:
         return EndpointStatus(

@@ -14,6 +14,7 @@ from ladle.config import LadleConfig, ModelEntry
 from ladle.engine.batcher import BatchRecord
 from ladle.engine.compute import ComputeLoop
 from ladle.errors import LadleError
+from ladle.router.embedding import EmbeddingEndpoint
 from ladle.router.endpoint import TASK_NAMES, Endpoint, Phase
 from ladle.router.local import LocalLLM
 from ladle.router.upstream import Upstream
@@ -60,6 +61,10 @@ def _local_llm(entry: ModelEntry, context: EndpointContext) -> Endpoint:
     return LocalLLM(entry, context.compute, context.warmup)
 
 
+def _embedding(entry: ModelEntry, context: EndpointContext) -> Endpoint:
+    return EmbeddingEndpoint(entry, context.compute, context.warmup, context.observe_batch)
+
+
 def _onnx(entry: ModelEntry, context: EndpointContext) -> Endpoint:
     from ladle.router.onnx import OnnxEndpoint
 
@@ -70,7 +75,7 @@ def endpoint_creators() -> dict[str, Callable[[ModelEntry, EndpointContext], End
     """How each ModelEntry.kind (config.MODEL_KINDS) is served: one creator per kind."""
     return {
         "llm": _local_llm,
-        # "embedding": ladle.router.embedding (issue 17, i17-embed)
+        "embedding": _embedding,
         "onnx": _onnx,
     }
 

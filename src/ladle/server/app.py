@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ladle.server import admin, anthropic_api, kserve_api, openai_api
+from ladle.server import admin, anthropic_api, embeddings_api, kserve_api, openai_api
 from ladle.server.errors import APIError, BodyTooLarge, ClientDisconnected
 from ladle.server.state import ServerPhase, ServerState
 
@@ -55,6 +55,7 @@ ROUTES = [
     Route("/v1/models", openai_api.list_models, methods=["GET"]),
     Route("/v1/completions", openai_api.completions, methods=["POST"]),
     Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings_api.embeddings, methods=["POST"]),
     Route("/v1/messages", anthropic_api.messages, methods=["POST"]),
     Route("/v1/messages/count_tokens", anthropic_api.count_tokens, methods=["POST"]),
     Route("/tokenize", openai_api.tokenize, methods=["POST"]),

@@ -81,7 +81,8 @@ def make_lifespan(state: ServerState, server_ref: list):
 
 async def _start_models(state: ServerState, server_ref: list) -> None:
     """Load the models declared for the start; the server is ready once they are. If none of them
-    could load, say why and exit (2 for a user error such as a corrupt file)."""
+    could load (none of its LLMs, where it has any), say why and exit (2 for a user error such as
+    a corrupt file)."""
     registry = state.registry
     try:
         await registry.start()
@@ -90,8 +91,10 @@ async def _start_models(state: ServerState, server_ref: list) -> None:
         _fail(state, server_ref, f"{type(e).__name__}: {e}", 1)
         return
     starting = [e for e in registry.endpoints.values() if e.entry.load_at_start]
-    failed = [e for e in starting if e.phase == Phase.FAILED]
-    if starting and len(failed) == len(starting):
+    # the server fails when its LLMs all failed (an embedding model beside them does not keep it up)
+    vital = [e for e in starting if e.kind == "llm"] or starting
+    failed = [e for e in vital if e.phase == Phase.FAILED]
+    if vital and len(failed) == len(vital):
         message = (
             "; ".join(e.failure for e in failed)
             if len(failed) == 1
