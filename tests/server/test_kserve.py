@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import time
 
 import numpy as np
 import pytest
@@ -27,6 +28,11 @@ def repo(tmp_path_factory):
     build_classifier_repository(root, "iris")
     # batches of exactly 8: the delay (60 s) is never reached in a test, so only the count cuts a batch
     build_classifier_repository(root, "iris8", max_batch_size=8, max_queue_delay_ms=60000, preferred_batch_sizes=(8,))
+    # the same, with room for 2 queued requests, which then wait 8 s at most: a full queue on demand
+    queue = {"max_queue_size": 2, "queue_timeout_s": 8}
+    build_classifier_repository(
+        root, "held", max_batch_size=8, max_queue_delay_ms=60000, preferred_batch_sizes=(8,), queue=queue
+    )
     return root
 
 
@@ -222,3 +228,24 @@ def test_a_batch_of_eight_forms_and_bad_requests_beside_it_do_not_touch_it(serve
         np.testing.assert_allclose(probs["data"], alone["probabilities"].ravel(), rtol=1e-5, atol=1e-6)
     assert server.metric("ladle_batch_queue_time_seconds_count", model_name="iris8") >= 8
     assert server.metric("ladle_batch_compute_time_seconds_count", model_name="iris8") >= 1
+
+
+def test_a_full_queue_is_503_and_queued_requests_time_out(server):
+    """`held` cuts batches at 8 but queues 2 at most: two requests wait (seen in the admin API),
+    a third is refused at once, and the two end at their queue timeout; none is a 500."""
+    admin = {"Authorization": "Bearer adm"}
+    x = ROWS[:1]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        waiting = [pool.submit(_infer_raw, server, "held", _json_request(x)) for _ in range(2)]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            models = {m["name"]: m for m in server.request("GET", "/admin/models", headers=admin)[2]["models"]}
+            if models["held"]["batching"]["queued"] == 2:
+                break
+            time.sleep(0.05)
+        assert models["held"]["batching"]["queued"] == 2
+        status, headers, reply = _infer_raw(server, "held", _json_request(x))
+        assert status == 503 and "max_queue_size" in reply["error"] and headers.get("retry-after") == "1"
+        for f in waiting:
+            status, _, reply = f.result()
+            assert status == 503 and "queue timeout" in reply["error"], reply

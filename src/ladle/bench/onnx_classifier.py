@@ -52,10 +52,12 @@ def build_classifier_repository(
     preferred_batch_sizes: tuple[int, ...] | None = None,
     num_layers: int = 2,
     max_iter: int = 300,
+    queue: dict | None = None,
 ) -> Path:
     """Train, export and write `<repo>/<name>/`; returns that folder. hidden > 0 trains a
     multi-layer perceptron with that many hidden units (more compute per row) instead of a
-    logistic regression (num_layers layers, at most max_iter epochs). preferred_batch_sizes: default a
+    logistic regression (num_layers layers, at most max_iter epochs). queue: extra dynamic_batching
+    keys (max_queue_size, queue_timeout_s). preferred_batch_sizes: default a
     quarter and a half of max_batch_size."""
     import numpy as np
     from skl2onnx import to_onnx
@@ -81,8 +83,9 @@ def build_classifier_repository(
     if preferred_batch_sizes is None:
         preferred_batch_sizes = sorted({max(1, max_batch_size // 4), max(1, max_batch_size // 2)})
     preferred = ", ".join(str(n) for n in preferred_batch_sizes)
+    extra = "".join(f"  {key}: {value}\n" for key, value in (queue or {}).items())
     (folder / "config.yaml").write_text(
-        CONFIG_TEMPLATE.format(
+        CONFIG_TEMPLATE.replace("instances:", extra + "instances:").format(
             name=name,
             model=type(model.steps[-1][1]).__name__,
             dataset=dataset,

@@ -44,8 +44,14 @@ class TensorSpec:
 class DynamicBatching:
     max_queue_delay_ms: float = 0.0  # how long a batch may wait for more requests
     preferred_batch_sizes: tuple[int, ...] = ()  # sizes a batch is cut at once reached
+    max_queue_size: int | None = None  # requests queued beyond this are refused (503); None: the entry's (1024)
+    queue_timeout_s: float | None = None  # a request still queued this long fails (503); None: the entry's
 
     def __post_init__(self):
+        if self.max_queue_size is not None and self.max_queue_size < 1:
+            raise LadleError(f"max_queue_size must be at least 1, got {self.max_queue_size}")
+        if self.queue_timeout_s is not None and self.queue_timeout_s <= 0:
+            raise LadleError(f"queue_timeout_s must be positive, got {self.queue_timeout_s}")
         if self.max_queue_delay_ms < 0:
             raise LadleError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
         if any(n < 1 for n in self.preferred_batch_sizes):

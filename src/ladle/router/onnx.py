@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 def tensor_model_entry(folder: str | Path, base: ModelEntry | None = None) -> ModelEntry:
     """The registry entry of a model-repository folder: kind onnx, its path as the model, and the
-    batching its config.yaml gives (the queue bounds of `base`, a config file's entry, kept)."""
+    batching its config.yaml gives (the queue bounds of `base`, a config file's entry, where the
+    folder's config gives none)."""
     model = read_model_folder(folder)
     cfg = model.config
     base = base or ModelEntry(name=cfg.name, kind="onnx")
@@ -37,6 +38,11 @@ def tensor_model_entry(folder: str | Path, base: ModelEntry | None = None) -> Mo
         preferred_batch_sizes=cfg.dynamic_batching.preferred_batch_sizes if cfg.max_batch_size else (),
         instances=cfg.instances,
     )
+    queue = cfg.dynamic_batching
+    if queue.max_queue_size is not None:
+        batching = dataclasses.replace(batching, max_queue_size=queue.max_queue_size)
+    if queue.queue_timeout_s is not None:
+        batching = dataclasses.replace(batching, queue_timeout_s=queue.queue_timeout_s)
     return dataclasses.replace(base, kind="onnx", engine=engine, batching=batching)
 
 
