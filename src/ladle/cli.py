@@ -537,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--num-layers", type=int, default=k.num_layers, metavar="N", help=f"({k.num_layers})")
     bk.add_argument("--max-queue-delay-ms", type=float, default=k.max_queue_delay_ms, metavar="MS")
     bk.add_argument("--port", type=int, default=k.port, help=f"({k.port})")
+    bk.add_argument(
+        "--cache-dir", default=k.cache_dir, metavar="DIR", help=f"where the trained model is kept ({k.cache_dir})"
+    )
     bk.add_argument("--results-dir", default=k.results_dir, metavar="DIR")
     bk.set_defaults(func=_cmd_bench_kserve)
     from ladle.bench.burst import BurstOptions
@@ -590,7 +593,7 @@ def _cmd_bench_kserve(args: argparse.Namespace) -> int:
     opts = KServeBenchOptions(
         concurrency=args.concurrency, duration_s=args.duration, warmup_s=args.warmup, hidden=args.hidden,
         num_layers=args.num_layers, max_queue_delay_ms=args.max_queue_delay_ms, port=args.port,
-        results_dir=args.results_dir,
+        cache_dir=args.cache_dir, results_dir=args.results_dir,
     )  # fmt: skip
     return main(opts)
 
