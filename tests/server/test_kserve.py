@@ -249,3 +249,18 @@ def test_a_full_queue_is_503_and_queued_requests_time_out(server):
         for f in waiting:
             status, _, reply = f.result()
             assert status == 503 and "queue timeout" in reply["error"], reply
+
+
+def test_a_tensor_model_added_and_removed_through_the_admin_api(server, repo, client):
+    admin = {"Authorization": "Bearer adm"}
+    entry = {"name": "iris-rt", "kind": "onnx", "model": str(repo / "iris")}
+    status, _, body = server.request("POST", "/admin/models", body=entry, headers=admin)
+    assert status == 202 and body["kind"] == "onnx", body
+    client.load_model("iris-rt")  # waits until it is ready
+    models = {m["name"]: m for m in server.request("GET", "/admin/models", headers=admin)[2]["models"]}
+    assert models["iris-rt"]["batching"]["max_batch_size"] == 64  # from the folder's config.yaml
+    tensor = triton.InferInput("input", [1, 4], "FP32")
+    tensor.set_data_from_numpy(ROWS[2:])
+    assert client.infer("iris-rt", [tensor]).as_numpy("label").tolist() == [2]
+    assert server.request("DELETE", "/admin/models/iris-rt", headers=admin)[0] == 200
+    assert server.request("GET", "/v2/models/iris-rt")[0] == 404

@@ -73,6 +73,7 @@ class OnnxEndpoint:
     def __init__(self, entry: ModelEntry, observe_batch, warmup: bool = True):
         if not entry.engine.model.model:
             raise LadleError(f"model {entry.name!r}: kind onnx needs `model: <model-repository folder>`")
+        entry = tensor_model_entry(entry.engine.model.model, entry)  # batching from the folder (an admin API entry too)
         self.entry = entry
         self.name = entry.name
         self.model: TensorModel = read_model_folder(entry.engine.model.model)
