@@ -78,3 +78,41 @@ def test_file_errors_say_which_file(tmp_path):
     one = tmp_path / "one.yaml"
     one.write_text("models:\n  - name: a\n    aliases: b\n")
     assert load_config_file(one).models[0].aliases == ("b",)
+
+
+def test_a_model_declares_its_kind_and_batching():
+    cfg = parse_config(
+        {
+            "models": [
+                {"name": "llm"},
+                {
+                    "name": "minilm",
+                    "kind": "embedding",
+                    "batching": {"max_batch_size": 64, "max_queue_delay_ms": 5, "preferred_batch_sizes": [16, 32]},
+                },
+            ]
+        }
+    )
+    llm, minilm = cfg.models
+    assert llm.kind == "llm" and llm.batching.max_batch_size == 32
+    assert minilm.kind == "embedding"
+    assert minilm.batching.max_batch_size == 64 and minilm.batching.max_queue_delay_ms == 5.0
+    assert minilm.batching.preferred_batch_sizes == (16, 32) and minilm.batching.instances == 1
+
+
+@pytest.mark.parametrize(
+    ("model", "says"),
+    [
+        ({"name": "m", "kind": "vision"}, "models[0]: model 'm': unknown kind 'vision' (choose llm, embedding, onnx)"),
+        ({"name": "m", "batching": {"max_batch_size": 0}}, "models[0].batching: batching.max_batch_size must be"),
+        ({"name": "m", "batching": {"preferred_batch_sizes": [64]}}, "preferred_batch_sizes: 64 is not in 1..max"),
+        ({"name": "m", "batching": {"instances": 0}}, "batching.instances must be at least 1"),
+        ({"name": "m", "batching": {"max_queue_size": 0}}, "batching.max_queue_size must be at least 1"),
+        ({"name": "m", "batching": {"queue_timeout_s": -1}}, "batching.queue_timeout_s must be positive"),
+        ({"name": "m", "batching": {"max_batch_sise": 4}}, "unknown key (did you mean max_batch_size?)"),
+    ],
+)
+def test_bad_kind_or_batching_names_the_key(model, says):
+    with pytest.raises(ConfigFileError) as e:
+        parse_config({"models": [model]}, "ladle.yaml")
+    assert says in str(e.value) and str(e.value).startswith("ladle.yaml: ")

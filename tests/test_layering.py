@@ -11,7 +11,7 @@ import pytest
 @pytest.mark.parametrize(
     "modules",
     [
-        "ladle.server.app, ladle.server.serve, ladle.server.openai_api",
+        "ladle.server.app, ladle.server.serve, ladle.server.openai_api, ladle.server.kserve_api",
         "ladle.engine.core, ladle.engine.scheduler, ladle.engine.kv_manager, ladle.engine.async_engine",
         "ladle.metering.prometheus, ladle.config",
     ],
@@ -25,6 +25,14 @@ def test_no_torch_behind_these_modules(modules):
 LAYERS = {"cli": 0, "bench": 1, "eval": 1, "server": 2, "router": 3, "engine": 4, "runner": 5,
           "model": 6, "sample": 6, "spec": 6}  # fmt: skip
 LEAVES = {"config", "config_file", "errors", "metering", "platform", "__init__", "__main__"}  # anyone may import
+
+
+def test_the_server_and_the_registry_load_no_onnxruntime():
+    """ONNX Runtime is imported where a tensor model loads (runner/onnx_session.py), not before."""
+    modules = "ladle.server.app, ladle.server.kserve_api, ladle.router.registry, ladle.router.onnx"
+    code = f"import sys\nimport {modules}\nprint('onnxruntime' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_imports_go_one_way_cli_server_router_engine_runner_model():

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ladle import __version__
 from ladle.config import (
@@ -18,7 +19,9 @@ from ladle.config import (
     QUANTIZATION_METHODS,
     TOOL_CALL_PARSERS,
     AdmissionConfig,
+    BatchingConfig,
     CacheConfig,
+    EngineConfig,
     LatencyTargets,
     ModelConfig,
     ModelEntry,
@@ -272,8 +275,38 @@ def _add_serve_args(srv: argparse.ArgumentParser) -> None:
         choices=TOOL_CALL_PARSERS,
         help="how the model writes tool calls (auto: from its chat template; hermes where it shows none)",
     )
+    g.add_argument(
+        "--model-repository",
+        default=None,
+        metavar="DIR",
+        help="also serve the tensor (ONNX) models of this folder over KServe v2 (docs/model-repository.md); "
+        "without --model, only those",
+    )
     g.add_argument("--no-warmup", action="store_true", help="skip the warm-up passes before /ready")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    b = BatchingConfig()
+    g = srv.add_argument_group("embedding model (served beside the LLM; its requests are dynamically batched)")
+    g.add_argument(
+        "--embedding-model",
+        default=None,
+        metavar="PATH",
+        help="a sentence-transformers folder (default: the embedded all-MiniLM-L6-v2)",
+    )
+    g.add_argument("--no-embedding-model", action="store_true", help="serve the LLM alone")
+    g.add_argument(
+        "--embedding-max-batch-size",
+        type=int,
+        default=b.max_batch_size,
+        metavar="N",
+        help=f"inputs per batch at most ({b.max_batch_size})",
+    )
+    g.add_argument(
+        "--embedding-max-queue-delay-ms",
+        type=float,
+        default=b.max_queue_delay_ms,
+        metavar="MS",
+        help=f"how long a batch's first input waits for others ({b.max_queue_delay_ms:g} ms)",
+    )
     g = srv.add_argument_group("admission")
     g.add_argument("--ttft-target-ms", type=float, default=None, metavar="MS", help="P95 time-to-first-token target")
     g.add_argument("--tpot-target-ms", type=float, default=None, metavar="MS", help="P95 time-per-output-token target")
@@ -491,6 +524,24 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--rounds", type=int, default=3, metavar="N", help="TPOT pairs to take the median of (3)")
     st.add_argument("--results-dir", default="benchmarks/results", metavar="DIR")
     st.set_defaults(func=_cmd_bench_structured)
+    from ladle.bench.kserve import KServeBenchOptions
+
+    k = KServeBenchOptions()
+    bk = bench.add_parser(
+        "kserve", help="concurrent clients against an ONNX classifier over KServe v2: dynamic batching vs batch 1"
+    )
+    bk.add_argument("--concurrency", type=int, default=k.concurrency, metavar="N", help=f"clients ({k.concurrency})")
+    bk.add_argument("--duration", type=float, default=k.duration_s, metavar="S", help=f"per mode ({k.duration_s:g} s)")
+    bk.add_argument("--warmup", type=float, default=k.warmup_s, metavar="S", help=f"per mode ({k.warmup_s:g} s)")
+    bk.add_argument("--hidden", type=int, default=k.hidden, metavar="N", help=f"MLP hidden units ({k.hidden})")
+    bk.add_argument("--num-layers", type=int, default=k.num_layers, metavar="N", help=f"({k.num_layers})")
+    bk.add_argument("--max-queue-delay-ms", type=float, default=k.max_queue_delay_ms, metavar="MS")
+    bk.add_argument("--port", type=int, default=k.port, help=f"({k.port})")
+    bk.add_argument(
+        "--cache-dir", default=k.cache_dir, metavar="DIR", help=f"where the trained model is kept ({k.cache_dir})"
+    )
+    bk.add_argument("--results-dir", default=k.results_dir, metavar="DIR")
+    bk.set_defaults(func=_cmd_bench_kserve)
     from ladle.bench.burst import BurstOptions
 
     d = BurstOptions(config="", model="")
@@ -534,6 +585,17 @@ def _cmd_bench_burst(args: argparse.Namespace) -> int:
         input_len=args.input_len, output_len=args.output_len, retries=args.retries, port=args.port, seed=args.seed,
         results_dir=args.results_dir,
     ))  # fmt: skip
+
+
+def _cmd_bench_kserve(args: argparse.Namespace) -> int:
+    from ladle.bench.kserve import KServeBenchOptions, main
+
+    opts = KServeBenchOptions(
+        concurrency=args.concurrency, duration_s=args.duration, warmup_s=args.warmup, hidden=args.hidden,
+        num_layers=args.num_layers, max_queue_delay_ms=args.max_queue_delay_ms, port=args.port,
+        cache_dir=args.cache_dir, results_dir=args.results_dir,
+    )  # fmt: skip
+    return main(opts)
 
 
 def _cmd_bench_structured(args: argparse.Namespace) -> int:
@@ -585,6 +647,13 @@ def _config_from_flags(args: argparse.Namespace, defaults: dict):
     from ladle.config import LadleConfig
     from ladle.model.source import resolve_model
 
+    admission = AdmissionConfig(
+        enabled=not args.no_admission, max_queue_wait_s=args.max_queue_wait, queue_timeout_s=args.queue_timeout
+    )
+    server = _server_config(args, ServerConfig(), defaults)
+    if args.model_repository and args.model is None:  # the repository's tensor models alone
+        cfg = LadleConfig(server=server, admission=admission, model_repository=args.model_repository)
+        return _with_tensor_models(cfg, ".", f"--model-repository {args.model_repository}")
     source = resolve_model(args.model, args.served_model_name)  # a bad path fails here, before binding
     entry = ModelEntry(
         name=source.name,
@@ -593,10 +662,44 @@ def _config_from_flags(args: argparse.Namespace, defaults: dict):
         max_waiting_requests=args.max_waiting_requests,
         tool_call_parser=args.tool_call_parser,
     )
-    admission = AdmissionConfig(
-        enabled=not args.no_admission, max_queue_wait_s=args.max_queue_wait, queue_timeout_s=args.queue_timeout
+    models = (entry, *_embedding_entry(args, taken=set(entry.names)))
+    cfg = LadleConfig(models=models, server=server, admission=admission, model_repository=args.model_repository)
+    return _with_tensor_models(cfg, ".", f"--model-repository {args.model_repository}")
+
+
+def _with_tensor_models(cfg, base_dir, source: str):
+    from ladle.router.onnx import with_tensor_models
+
+    cfg = with_tensor_models(cfg, base_dir)
+    if not cfg.models:
+        raise LadleError(f"{source}: no model folders (each one holds a config.yaml and a version folder)")
+    return cfg
+
+
+def _embedding_entry(args: argparse.Namespace, taken: set[str]) -> tuple[ModelEntry, ...]:
+    """The embedding model served beside the LLM: --embedding-model, else the embedded MiniLM
+    (skipped with a warning where its package is not installed), none with --no-embedding-model."""
+    from ladle.model.source import EMBEDDING_ALIASES, resolve_embedding_model
+
+    if args.no_embedding_model:
+        return ()
+    try:
+        source = resolve_embedding_model(args.embedding_model)
+    except LadleError as e:
+        if args.embedding_model is not None:
+            raise
+        logging.getLogger("ladle").warning("serving no embedding model: %s", e)
+        return ()
+    if source.name in taken:
+        raise LadleError(f"--embedding-model: the name {source.name!r} is already the LLM's")
+    aliases = tuple(a for a in EMBEDDING_ALIASES if a not in taken) if args.embedding_model is None else ()
+    batching = BatchingConfig(
+        max_batch_size=args.embedding_max_batch_size, max_queue_delay_ms=args.embedding_max_queue_delay_ms
     )
-    return LadleConfig(models=(entry,), server=_server_config(args, ServerConfig(), defaults), admission=admission)
+    model = ModelConfig(model=str(source.path), served_name=source.name)
+    return (
+        ModelEntry(source.name, kind="embedding", engine=EngineConfig(model=model), aliases=aliases, batching=batching),
+    )
 
 
 def _config_from_file(args: argparse.Namespace, defaults: dict):
@@ -606,12 +709,16 @@ def _config_from_file(args: argparse.Namespace, defaults: dict):
         f"--{dest.replace('_', '-')}"
         for dest, value in vars(args).items()
         if dest in defaults and dest not in SERVER_FLAGS
-        and dest not in ("config", "no_warmup", "log_level", "no_admission")
+        and dest not in ("config", "no_warmup", "log_level", "no_admission", "model_repository")
         and value != defaults[dest]
     )  # fmt: skip
     if model_flags:
         raise LadleError(f"{', '.join(model_flags)}: with --config, give model settings in the file")
     cfg = load_config_file(args.config)
+    if args.model_repository:
+        cfg = dataclasses.replace(cfg, model_repository=str(Path(args.model_repository).resolve()))
+    if cfg.models or cfg.model_repository:
+        cfg = _with_tensor_models(cfg, Path(args.config).expanduser().parent, args.config)
     if not cfg.models:
         raise LadleError(f"{args.config}: the config declares no models (a `models:` list)")
     admission = dataclasses.replace(cfg.admission, enabled=False) if args.no_admission else cfg.admission

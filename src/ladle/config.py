@@ -12,6 +12,7 @@ INLINE = {"inline": True}  # a config file gives this field's own fields in the 
 POLICIES = ("fcfs", "priority")
 QUANTIZATION_METHODS = ("none", "int8", "int4", "from-gguf", "w8a8")  # ladle.model.quant implements them
 TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")  # ladle.server.tool_parsers implements them
+MODEL_KINDS = ("llm", "embedding", "onnx")  # what a model entry serves: ladle.router.registry builds each
 
 
 def check_quantization(method: str) -> str:
@@ -128,10 +129,41 @@ class LatencyTargets:
 
 
 @dataclass(frozen=True)
+class BatchingConfig:
+    """Dynamic batching of a non-generative model (embedding, ONNX), as Triton's dynamic batcher:
+    a batch forms from the requests that arrive within max_queue_delay_ms of the first one."""
+
+    max_batch_size: int = 32  # items run together at most
+    max_queue_delay_ms: float = 2.0  # how long the first item of a batch waits for others
+    preferred_batch_sizes: tuple[int, ...] = ()  # sizes a batch is cut to when it reaches one (largest first)
+    max_queue_size: int = 1024  # items waiting beyond this are refused (429)
+    queue_timeout_s: float | None = None  # an item still queued this long fails with a timeout; None: never
+    instances: int = 1  # batches run at once (copies of the model, where the executor allows)
+
+    def __post_init__(self):
+        if self.max_batch_size < 1:
+            raise LadleError(f"batching.max_batch_size must be at least 1, got {self.max_batch_size}")
+        if self.max_queue_delay_ms < 0:
+            raise LadleError(f"batching.max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        for size in self.preferred_batch_sizes:
+            if not 1 <= size <= self.max_batch_size:
+                raise LadleError(
+                    f"batching.preferred_batch_sizes: {size} is not in 1..max_batch_size ({self.max_batch_size})"
+                )
+        if self.max_queue_size < 1:
+            raise LadleError(f"batching.max_queue_size must be at least 1, got {self.max_queue_size}")
+        if self.queue_timeout_s is not None and self.queue_timeout_s <= 0:
+            raise LadleError(f"batching.queue_timeout_s must be positive, got {self.queue_timeout_s}")
+        if self.instances < 1:
+            raise LadleError(f"batching.instances must be at least 1, got {self.instances}")
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     """One model the server serves: its engine and how the router treats it."""
 
     name: str  # the name requests address it by
+    kind: str = "llm"  # MODEL_KINDS: an LLM (generate), an embedding model (embed), an ONNX model (infer)
     engine: EngineConfig = field(default_factory=EngineConfig, metadata=INLINE)
     aliases: tuple[str, ...] = ()  # other names that reach it
     targets: LatencyTargets = field(default_factory=LatencyTargets)
@@ -144,10 +176,13 @@ class ModelEntry:
     max_waiting_requests: int = 256  # requests queued for it beyond this get 429
     max_waiting_prompt_tokens: int = 1 << 20  # prompt tokens queued for it beyond this get 429
     tool_call_parser: str = "auto"  # how its output's tool calls read: TOOL_CALL_PARSERS (auto: from the template)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)  # non-generative kinds only
 
     def __post_init__(self):
         if not self.name:
             raise LadleError("a model needs a name")
+        if self.kind not in MODEL_KINDS:
+            raise LadleError(f"model {self.name!r}: unknown kind {self.kind!r} (choose {', '.join(MODEL_KINDS)})")
         if self.max_waiting_requests < 1:
             raise LadleError(f"max_waiting_requests must be at least 1, got {self.max_waiting_requests}")
         if self.max_waiting_prompt_tokens < 1:
@@ -271,6 +306,9 @@ class LadleConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     routers: tuple[RouterConfig, ...] = ()
+    model_repository: str | None = (
+        None  # a folder of tensor models (docs/model-repository.md): each one a kind onnx entry
+    )
 
     def __post_init__(self):
         seen: dict[str, str] = {}

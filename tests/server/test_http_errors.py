@@ -164,3 +164,13 @@ def test_the_server_still_serves_after_all_that(guarded_server):
     )
     assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
     assert guarded_server.metric("ladle_http_requests_total", status="500") == 0
+
+
+def test_kserve_routes_sit_behind_the_same_keys(guarded_server):
+    """/v2 needs the API key (its errors in KServe's format); its health probes do not."""
+    assert guarded_server.request("GET", "/v2/health/live")[0] == 200
+    assert guarded_server.request("GET", "/v2/health/ready")[0] == 200
+    status, _, body = guarded_server.request("GET", "/v2/models/tiny")
+    assert status == 401 and set(body) == {"error"} and "no API key" in body["error"]
+    status, _, body = guarded_server.request("GET", "/v2/models/tiny", headers={"Authorization": "Bearer sk-test-1"})
+    assert status == 200 and body["name"] == "tiny" and body["platform"] == "ladle_llm"

@@ -18,9 +18,9 @@ def client(embedded_server):
     return OpenAI(base_url=embedded_server.url + "/v1", api_key="unused", max_retries=0)
 
 
-def test_models_lists_the_served_model(client):
+def test_models_lists_the_served_models(client):
     models = client.models.list()
-    assert [m.id for m in models] == [MODEL]
+    assert [m.id for m in models] == [MODEL, "all-MiniLM-L6-v2"]  # make serve: the LLM and the embedding model
 
 
 def test_chat_completion(client):

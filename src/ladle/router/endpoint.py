@@ -12,12 +12,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from ladle.config import ModelEntry
 from ladle.engine.load import LoadSnapshot
 from ladle.engine.outputs import RequestOutput
 from ladle.engine.request import GenerateRequest
 from ladle.sample.params import SamplingParams
 
-GENERATE = "generate"  # tasks an endpoint may serve; "embed" and "infer" come with issue 17
+GENERATE = "generate"  # tasks an endpoint may serve: text generation (LLMs)
+EMBED = "embed"  # vectors of texts (embedding models: /v1/embeddings)
+INFER = "infer"  # tensors in, tensors out (ONNX models: KServe v2)
+TASK_NAMES = {GENERATE: "completions or chat", EMBED: "embeddings", INFER: "tensor inference"}  # for errors
 
 
 class Phase(enum.Enum):
@@ -44,8 +48,26 @@ class Endpoint(Protocol):
     """Anything that serves a model."""
 
     name: str
-    kind: str  # "llm" (in-process), "upstream"
-    tasks: frozenset[str]
+    kind: str  # "llm", "embedding", "onnx" (in-process: config.MODEL_KINDS), "upstream"
+    tasks: frozenset[str]  # GENERATE, EMBED, INFER
+    entry: ModelEntry  # its config
+    phase: Phase
+    failure: str | None
+    memory_bytes: int
+    last_used_s: float | None
+    num_in_flight: int
+    removing: bool  # the admin API is removing it
+
+    @property
+    def is_loaded(self) -> bool:
+        """It holds a loaded model (ready, warming up or draining)."""
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests it has accepted and not finished (a drain waits for them)."""
+
+    def summary(self) -> str:
+        """One line for the log once it is ready: the model, its weights, its device."""
 
     def status(self) -> EndpointStatus: ...
 

@@ -118,6 +118,21 @@ class LocalLLM:
 
     # -- state -------------------------------------------------------------------------------------
 
+    @property
+    def is_loaded(self) -> bool:
+        return self.engine is not None
+
+    @property
+    def num_unfinished(self) -> int:
+        return self.engine.num_unfinished if self.engine is not None else 0
+
+    def summary(self) -> str:
+        info = self.engine.engine.info
+        return (
+            f"{info.model_name} ({info.weights_description} on {info.device}, {info.attention_backend} attention, "
+            f"KV cache {info.kv_capacity_tokens} tokens, context {info.max_model_len})"
+        )
+
     def status(self) -> EndpointStatus:
         return EndpointStatus(
             self.phase, self.failure, self.ready_since_s, self.last_used_s, self.memory_bytes, self.num_in_flight

@@ -8,11 +8,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ladle.config import LadleConfig, ModelEntry
+from ladle.engine.batcher import BatchRecord
 from ladle.engine.compute import ComputeLoop
 from ladle.errors import LadleError
-from ladle.router.endpoint import Phase
+from ladle.router.embedding import EmbeddingEndpoint
+from ladle.router.endpoint import TASK_NAMES, Endpoint, Phase
 from ladle.router.local import LocalLLM
 from ladle.router.upstream import Upstream
 
@@ -37,21 +40,64 @@ class ModelUnavailable(LadleError):
         super().__init__(message)
 
 
+class WrongTask(LadleError):
+    """The model exists but serves another task (an embedding model asked to chat): a 400."""
+
+    def __init__(self, name: str, task: str):
+        self.name, self.task = name, task
+        super().__init__(f"the model `{name}` does not serve {TASK_NAMES.get(task, task)}")
+
+
+@dataclass(frozen=True)
+class EndpointContext:
+    """What the registry gives every endpoint it builds, whatever its kind."""
+
+    compute: ComputeLoop  # the one compute thread of the process
+    warmup: bool  # run warm-up passes before turning ready
+    observe_batch: Callable[[str, BatchRecord], None]  # a batcher's per-batch record, by model name
+
+
+def _local_llm(entry: ModelEntry, context: EndpointContext) -> Endpoint:
+    return LocalLLM(entry, context.compute, context.warmup)
+
+
+def _embedding(entry: ModelEntry, context: EndpointContext) -> Endpoint:
+    return EmbeddingEndpoint(entry, context.compute, context.warmup, context.observe_batch)
+
+
+def _onnx(entry: ModelEntry, context: EndpointContext) -> Endpoint:
+    from ladle.router.onnx import OnnxEndpoint
+
+    return OnnxEndpoint(entry, context.observe_batch, context.warmup)
+
+
+def endpoint_creators() -> dict[str, Callable[[ModelEntry, EndpointContext], Endpoint]]:
+    """How each ModelEntry.kind (config.MODEL_KINDS) is served: one creator per kind."""
+    return {
+        "llm": _local_llm,
+        "embedding": _embedding,
+        "onnx": _onnx,
+    }
+
+
 class Registry:
     def __init__(
         self,
         config: LadleConfig,
         compute: ComputeLoop,
         warmup: bool = True,
-        on_loaded: Callable[[LocalLLM], None] | None = None,
-        on_unloaded: Callable[[LocalLLM], None] | None = None,
+        on_loaded: Callable[[Endpoint], None] | None = None,
+        on_unloaded: Callable[[Endpoint], None] | None = None,
+        observe_batch: Callable[[str, BatchRecord], None] | None = None,
     ):
         self.config = config
         self.compute = compute
         self.warmup = warmup
         self.on_loaded = on_loaded or (lambda ep: None)
         self.on_unloaded = on_unloaded or (lambda ep: None)
-        self.endpoints: dict[str, LocalLLM] = {}  # by name, in declaration order
+        self.context = EndpointContext(compute, warmup, observe_batch or (lambda name, record: None))
+        self.creators = endpoint_creators()
+        self.endpoints: dict[str, Endpoint] = {}  # by name, in declaration order
         self.upstreams = {u.name: Upstream(u) for u in config.upstreams}  # fallbacks, by name
         self._names: dict[str, str] = {}  # name or alias -> name
         self._loading: dict[str, asyncio.Task] = {}
@@ -62,11 +108,14 @@ class Registry:
 
     # -- names -------------------------------------------------------------------------------------
 
-    def _declare(self, entry: ModelEntry) -> LocalLLM:
+    def _declare(self, entry: ModelEntry) -> Endpoint:
         for name in entry.names:
             if name in self._names:
                 raise LadleError(f"the name {name!r} is already served (by model {self._names[name]!r})")
-        endpoint = LocalLLM(entry, self.compute, self.warmup)
+        create = self.creators.get(entry.kind)
+        if create is None:
+            raise LadleError(f"model {entry.name!r}: kind {entry.kind!r} is not served by this build of Ladle")
+        endpoint = create(entry, self.context)
         self.endpoints[entry.name] = endpoint
         for name in entry.names:
             self._names[name] = entry.name
@@ -81,7 +130,7 @@ class Registry:
         """The model a request that names none gets: the first declared."""
         return next(iter(self.endpoints), None)
 
-    def resolve(self, requested: str | None) -> LocalLLM:
+    def resolve(self, requested: str | None) -> Endpoint:
         name = self._names.get(requested if requested is not None else self.default_name or "")
         if name is None:
             raise ModelNotFound(requested or "", self.served_names)
@@ -100,10 +149,13 @@ class Registry:
                 await self.load_in_background(endpoint.name)
         self._idle_task = asyncio.create_task(self._unload_idle())
 
-    async def acquire(self, requested: str | None) -> LocalLLM:
+    async def acquire(self, requested: str | None, task: str | None = None) -> Endpoint:
         """The ready endpoint for a request: a model still loading is waited for (up to
-        load_wait_s), an unloaded one is loaded first."""
+        load_wait_s), an unloaded one is loaded first. With a task, a model that does not serve it
+        raises WrongTask."""
         endpoint = self.resolve(requested)
+        if task is not None and task not in endpoint.tasks:
+            raise WrongTask(endpoint.name, task)
         if endpoint.removing:
             raise ModelUnavailable(endpoint.name, f"the model `{endpoint.name}` is being removed", "model_removed")
         if endpoint.phase == Phase.READY:
@@ -125,9 +177,9 @@ class Registry:
                 "model_not_ready",
                 retry_after_s=5,
             ) from None
-        return await self.acquire(requested)
+        return await self.acquire(requested, task)
 
-    async def _ready(self, endpoint: LocalLLM) -> None:
+    async def _ready(self, endpoint: Endpoint) -> None:
         while endpoint.phase not in (Phase.READY, Phase.FAILED):
             task = self._loading.get(endpoint.name)
             if task is not None:
@@ -142,14 +194,14 @@ class Registry:
         task = self._loading.get(name)
         if task is None or task.done():
             endpoint = self.endpoints[name]
-            if endpoint.engine is None:
+            if not endpoint.is_loaded:
                 endpoint.phase = Phase.LOADING
             task = self._loading[name] = asyncio.create_task(self._load(endpoint))
         return task
 
-    async def _load(self, endpoint: LocalLLM) -> None:
+    async def _load(self, endpoint: Endpoint) -> None:
         async with self._lock:
-            if endpoint.engine is not None:  # loaded meanwhile
+            if endpoint.is_loaded:  # loaded meanwhile
                 return
             while self._over_budget(adding=endpoint):
                 victim = self._eviction_candidate(exclude=endpoint)
@@ -164,10 +216,10 @@ class Registry:
             self.on_loaded(endpoint)
         self._loading.pop(endpoint.name, None)
 
-    def _loaded(self) -> list[LocalLLM]:
+    def _loaded(self) -> list[Endpoint]:
         return [e for e in self.endpoints.values() if e.phase in (Phase.LOADING, Phase.WARMING, Phase.READY)]
 
-    def _over_budget(self, adding: LocalLLM) -> bool:
+    def _over_budget(self, adding: Endpoint) -> bool:
         budget = self.config.registry
         loaded = [e for e in self._loaded() if e is not adding]
         if budget.max_loaded_models is not None and len(loaded) + 1 > budget.max_loaded_models:
@@ -177,7 +229,7 @@ class Registry:
             return used + max(adding.memory_bytes, 1) > budget.max_loaded_gib * GIB
         return False
 
-    def _eviction_candidate(self, exclude: LocalLLM) -> LocalLLM | None:
+    def _eviction_candidate(self, exclude: Endpoint) -> Endpoint | None:
         candidates = [e for e in self._loaded() if e is not exclude and not e.entry.pinned and e.phase == Phase.READY]
         return min(candidates, key=lambda e: e.last_used_s or 0.0, default=None)
 
@@ -187,7 +239,7 @@ class Registry:
         async with self._lock:
             await self._unload(self.resolve(name))
 
-    async def _unload(self, endpoint: LocalLLM) -> None:
+    async def _unload(self, endpoint: Endpoint) -> None:
         await endpoint.drain(self.config.server.drain_timeout_s)
         self.on_unloaded(endpoint)
         await endpoint.close()
@@ -208,7 +260,7 @@ class Registry:
 
     # -- runtime changes ---------------------------------------------------------------------------
 
-    async def add(self, entry: ModelEntry) -> LocalLLM:
+    async def add(self, entry: ModelEntry) -> Endpoint:
         """Declare a model at runtime and start loading it; it is routable once ready."""
         if entry.degrade_to is not None and entry.degrade_to not in self.endpoints:
             raise LadleError(f"degrade_to {entry.degrade_to!r} is not a served model")
@@ -231,7 +283,7 @@ class Registry:
                 self._names.pop(alias, None)
 
     async def drain_all(self, timeout_s: float) -> None:
-        await asyncio.gather(*(e.drain(timeout_s) for e in self.endpoints.values() if e.engine is not None))
+        await asyncio.gather(*(e.drain(timeout_s) for e in self.endpoints.values() if e.is_loaded))
 
     async def close(self) -> None:
         if self._idle_task is not None:
@@ -243,4 +295,4 @@ class Registry:
 
     @property
     def num_unfinished(self) -> int:
-        return sum(e.engine.num_unfinished for e in self.endpoints.values() if e.engine is not None)
+        return sum(e.num_unfinished for e in self.endpoints.values() if e.is_loaded)

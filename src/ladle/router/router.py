@@ -10,7 +10,7 @@ from ladle.config import LadleConfig
 from ladle.errors import LadleError
 from ladle.router.admission import Verdict, judge, retry_after_s
 from ladle.router.complexity import Features, decide
-from ladle.router.endpoint import Phase
+from ladle.router.endpoint import GENERATE, Phase
 from ladle.router.local import LocalLLM
 from ladle.router.registry import ModelNotFound, ModelUnavailable, Registry
 from ladle.router.upstream import Upstream
@@ -57,17 +57,18 @@ class Router:
         return [*self.registry.served_names, *self.routers]
 
     async def resolve(self, requested: str | None, features: Features | None = None) -> Pick:
-        """The ready model a name, an alias or a router reaches (None: the default model),
-        loading it if need be; raises ModelNotFound or ModelUnavailable. Its tokenizer then
-        prepares the request."""
+        """The ready generating model a name, an alias or a router reaches (None: the default
+        model), loading it if need be; raises ModelNotFound, WrongTask (a model that does not
+        generate) or ModelUnavailable. Its tokenizer then prepares the request. Non-generative
+        models are looked up by name alone (Registry.acquire): admission is for LLMs."""
         router = self.routers.get(requested) if requested is not None else None
         if router is not None:
             decision = decide(features or Features(""), router)
-            return Pick(await self.registry.acquire(decision.model), requested, decision.reason)
+            return Pick(await self.registry.acquire(decision.model, GENERATE), requested, decision.reason)
         if requested is not None and requested not in self.registry:
             raise ModelNotFound(requested, self.served_names)
         try:
-            endpoint = await self.registry.acquire(requested)
+            endpoint = await self.registry.acquire(requested, GENERATE)
         except ModelUnavailable as e:
             upstream = self._fallback(self.registry.resolve(requested))
             if upstream is None:

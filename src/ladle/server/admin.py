@@ -34,6 +34,7 @@ def describe(endpoint) -> dict:
         "name": endpoint.name,
         "aliases": list(entry.aliases),
         "kind": endpoint.kind,
+        "tasks": sorted(endpoint.tasks),
         "state": status.phase.value,
         "error": status.failure,
         "pinned": entry.pinned,
@@ -47,9 +48,26 @@ def describe(endpoint) -> dict:
         out["engine"] = {
             "weights": info.weights_description,
             "device": info.device,
-            "kv_cache_tokens": info.kv_capacity_tokens,
             "max_model_len": info.max_model_len,
         }
+        for key, attr in (("kv_cache_tokens", "kv_capacity_tokens"), ("dimensions", "dimensions")):
+            if hasattr(info, attr):  # an LLM's KV cache; an embedding model's vector length
+                out["engine"][key] = getattr(info, attr)
+    batching = getattr(endpoint, "batcher", None)
+    if batching is not None:
+        b = entry.batching
+        out["batching"] = {
+            "max_batch_size": b.max_batch_size,
+            "max_queue_delay_ms": b.max_queue_delay_ms,
+            "preferred_batch_sizes": list(b.preferred_batch_sizes),
+            "max_queue_size": b.max_queue_size,
+            "instances": b.instances,
+            "queued": batching.num_queued,
+            "batches": batching.num_batches,
+        }
+    details = getattr(endpoint, "details", None)  # what a kind adds of its own (a tensor model's config)
+    if details is not None:
+        out.update(details())
     if load is not None and load.is_measured:
         out["load"] = {
             "running": load.num_running,

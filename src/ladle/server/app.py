@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ladle.server import admin, anthropic_api, openai_api
+from ladle.server import admin, anthropic_api, embeddings_api, kserve_api, openai_api
 from ladle.server.errors import APIError, BodyTooLarge, ClientDisconnected
 from ladle.server.state import ServerPhase, ServerState
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = b"x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-PUBLIC_PATHS = {"/health", "/ready", "/metrics"}  # no API key needed
+PUBLIC_PATHS = {"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"}  # no API key needed
 
 
 async def health(request: Request) -> Response:
@@ -55,6 +55,7 @@ ROUTES = [
     Route("/v1/models", openai_api.list_models, methods=["GET"]),
     Route("/v1/completions", openai_api.completions, methods=["POST"]),
     Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings_api.embeddings, methods=["POST"]),
     Route("/v1/messages", anthropic_api.messages, methods=["POST"]),
     Route("/v1/messages/count_tokens", anthropic_api.count_tokens, methods=["POST"]),
     Route("/tokenize", openai_api.tokenize, methods=["POST"]),
@@ -62,9 +63,24 @@ ROUTES = [
     Route("/admin/models", admin.list_models, methods=["GET"]),
     Route("/admin/models", admin.add_model, methods=["POST"]),
     Route("/admin/models/{name:path}", admin.remove_model, methods=["DELETE"]),
+    *kserve_api.routes(Route),
 ]
 ROUTE_PATHS = {r.path for r in ROUTES}
 ADMIN_PREFIX = "/admin/"
+
+
+def _route_label(path: str) -> str:
+    """The route a path counts under in ladle_http_requests (templates, not model names)."""
+    if path in ROUTE_PATHS:
+        return path
+    if path.startswith(ADMIN_PREFIX):
+        return "/admin/models/{name}"
+    if path.startswith("/v2/repository/models/"):
+        return "/v2/repository/models/{name}/" + path.rsplit("/", 1)[-1]
+    if path.startswith("/v2/models/"):
+        tail = path.rsplit("/", 1)[-1]
+        return "/v2/models/{name}/" + tail if tail in ("infer", "ready", "config") else "/v2/models/{name}"
+    return "other"
 
 
 async def _api_error(request: Request, exc: APIError) -> Response:
@@ -126,7 +142,7 @@ class LadleMiddleware:
         request_id = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         path = scope.get("path", "")
-        route = path if path in ROUTE_PATHS else "/admin/models/{name}" if path.startswith(ADMIN_PREFIX) else "other"
+        route = _route_label(path)
         status_box = [0]
 
         async def send_with_id(message):

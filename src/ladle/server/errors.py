@@ -31,6 +31,7 @@ _ANTHROPIC_TYPES = {
     503: "overloaded_error",
 }
 ANTHROPIC_PREFIX = "/v1/messages"  # the routes whose errors take Anthropic's format
+KSERVE_PREFIX = "/v2"  # the KServe v2 routes: errors as {"error": "..."}
 
 
 class BodyTooLarge(Exception):
@@ -73,8 +74,11 @@ class APIError(Exception):
         return {"type": "error", "error": {"type": kind, "message": self.message}}
 
     def response(self, path: str = "") -> JSONResponse:
-        """The error in the format of the API that `path` belongs to (OpenAI's, or Anthropic's)."""
-        body = self.anthropic_body() if path.startswith(ANTHROPIC_PREFIX) else self.body()
+        """The error in the format of the API that `path` belongs to (OpenAI's, Anthropic's, KServe's)."""
+        if path == KSERVE_PREFIX or path.startswith(KSERVE_PREFIX + "/"):
+            body = {"error": self.message}
+        else:
+            body = self.anthropic_body() if path.startswith(ANTHROPIC_PREFIX) else self.body()
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 

@@ -756,9 +756,13 @@ async def list_models(request: Request) -> Response:
             "owned_by": "ladle",
             "root": endpoint.name,
             "aliases": list(endpoint.entry.aliases),
+            "kind": endpoint.kind,
+            "tasks": sorted(endpoint.tasks),
             "state": status.phase.value,
             "max_model_len": info.max_model_len if info else None,
         }
+        if getattr(info, "dimensions", None) is not None:
+            entry["dimensions"] = info.dimensions
         if status.failure:
             entry["error"] = status.failure
         data.append(entry)

@@ -81,7 +81,8 @@ def make_lifespan(state: ServerState, server_ref: list):
 
 async def _start_models(state: ServerState, server_ref: list) -> None:
     """Load the models declared for the start; the server is ready once they are. If none of them
-    could load, say why and exit (2 for a user error such as a corrupt file)."""
+    could load (none of its LLMs, where it has any), say why and exit (2 for a user error such as
+    a corrupt file)."""
     registry = state.registry
     try:
         await registry.start()
@@ -90,8 +91,10 @@ async def _start_models(state: ServerState, server_ref: list) -> None:
         _fail(state, server_ref, f"{type(e).__name__}: {e}", 1)
         return
     starting = [e for e in registry.endpoints.values() if e.entry.load_at_start]
-    failed = [e for e in starting if e.phase == Phase.FAILED]
-    if starting and len(failed) == len(starting):
+    # the server fails when its LLMs all failed (an embedding model beside them does not keep it up)
+    vital = [e for e in starting if e.kind == "llm"] or starting
+    failed = [e for e in vital if e.phase == Phase.FAILED]
+    if vital and len(failed) == len(vital):
         message = (
             "; ".join(e.failure for e in failed)
             if len(failed) == 1
@@ -104,14 +107,7 @@ async def _start_models(state: ServerState, server_ref: list) -> None:
         url = f"http://{state.config.server.host}:{state.config.server.port}"
         for e in starting:
             if e.phase == Phase.READY:
-                info = e.info
-                print(
-                    f"ladle: serving {info.model_name} ({info.weights_description} on {info.device}, "
-                    f"{info.attention_backend} attention, "
-                    f"KV cache {info.kv_capacity_tokens} tokens, context {info.max_model_len}) at {url}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                print(f"ladle: serving {e.summary()} at {url}", file=sys.stderr, flush=True)
             else:
                 print(f"ladle: model {e.name} failed to load: {e.failure}", file=sys.stderr, flush=True)
 
@@ -128,10 +124,16 @@ def create_state(cfg: LadleConfig) -> ServerState:
     compute = ComputeLoop().start()
 
     def loaded(endpoint) -> None:
-        metrics.attach_engine(endpoint.name, lambda: endpoint.stats, endpoint.info.block_size)
+        if endpoint.kind == "llm":  # engine stats read at scrape time; batchers report per batch
+            metrics.attach_engine(endpoint.name, lambda: endpoint.stats, endpoint.info.block_size)
 
     registry = Registry(
-        cfg, compute, warmup=cfg.server.warmup, on_loaded=loaded, on_unloaded=lambda e: metrics.detach_engine(e.name)
+        cfg,
+        compute,
+        warmup=cfg.server.warmup,
+        on_loaded=loaded,
+        on_unloaded=lambda e: metrics.detach_engine(e.name),
+        observe_batch=metrics.observe_batch,
     )
     return ServerState(config=cfg, metrics=metrics, registry=registry, router=Router(cfg, registry))
 

@@ -3,6 +3,7 @@ server's phase, its metrics. Handlers reach models only through the router."""
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import time
 from dataclasses import dataclass, field
@@ -10,7 +11,8 @@ from dataclasses import dataclass, field
 from ladle.config import LadleConfig
 from ladle.metering.prometheus import ServerMetrics
 from ladle.router.complexity import Features
-from ladle.router.registry import ModelNotFound, ModelUnavailable, Registry
+from ladle.router.endpoint import Endpoint
+from ladle.router.registry import ModelNotFound, ModelUnavailable, Registry, WrongTask
 from ladle.router.router import Overloaded, Pick, Route, Router
 from ladle.server.errors import APIError
 
@@ -46,12 +48,25 @@ class ServerState:
             raise APIError(503, f"the server failed to start: {self.failure}", code="model_load_failed")
 
     async def resolve(self, requested: str | None, features: Features | None = None) -> Pick:
-        """The ready model a name reaches; the registry's refusals as the API's errors."""
+        """The ready generating model a name reaches; the registry's refusals as the API's errors."""
         self.check_serving()
-        try:
+        with self._refusals():
             return await self.router.resolve(requested, features)
+
+    async def acquire(self, requested: str, task: str) -> Endpoint:
+        """The ready non-generative model (embeddings, tensors) a name reaches, for `task`."""
+        self.check_serving()
+        with self._refusals():
+            return await self.router.registry.acquire(requested, task)
+
+    @contextlib.contextmanager
+    def _refusals(self):
+        try:
+            yield
         except ModelNotFound as e:
             raise APIError(404, str(e), param="model", code="model_not_found") from None
+        except WrongTask as e:
+            raise APIError(400, str(e), param="model", code="model_not_supported") from None
         except ModelUnavailable as e:
             self.metrics.observe_outcome(e.name, "failed")
             headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None
