@@ -1,7 +1,8 @@
 """`ladle bench embeddings`: dynamic batching against batch size 1, and an LLM beside the load.
 
 `--clients` closed-loop clients (64) each send one sentence per request to /v1/embeddings
-(base64, as OpenAI's client asks) for `--duration` seconds, against a server whose embedding model
+(base64, as OpenAI's client asks; each on its own kept-alive connection, as pooled clients do)
+for `--duration` seconds, against a server whose embedding model
 batches (`--max-batch-size`, `--max-queue-delay-ms`) and one with max_batch_size 1. Then, on the
 batching server, `--llm-streams` concurrent streamed completions (`--output-len` tokens each) run
 alone, and then together with the embedding load: each side's throughput and latency against
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ladle.bench.compare import RunningServer, System
-from ladle.bench.http_client import Endpoint, HTTPStatusError, post_json
+from ladle.bench.http_client import Endpoint, HTTPStatusError, KeepAlive, post_json
 
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -97,16 +98,19 @@ async def embedding_clients(endpoint: Endpoint, model: str, clients: int, durati
 
     async def client(i: int) -> None:
         n = i
-        while time.perf_counter() < stop_at:
-            body = {"model": model, "input": SENTENCES[n % len(SENTENCES)], "encoding_format": "base64"}
-            n += clients
-            t0 = time.perf_counter()
-            try:
-                async for _ in post_json(endpoint, "/embeddings", body):
-                    pass
-                load.latencies_s.append(time.perf_counter() - t0)
-            except (HTTPStatusError, OSError) as e:
-                load.fail(e)
+        conn = KeepAlive(endpoint)  # one kept-alive connection per client, as a pooled client has
+        try:
+            while time.perf_counter() < stop_at:
+                body = {"model": model, "input": SENTENCES[n % len(SENTENCES)], "encoding_format": "base64"}
+                n += clients
+                t0 = time.perf_counter()
+                try:
+                    await conn.post_json("/embeddings", body)
+                    load.latencies_s.append(time.perf_counter() - t0)
+                except (HTTPStatusError, OSError) as e:
+                    load.fail(e)
+        finally:
+            await conn.close()
 
     await asyncio.gather(*(client(i) for i in range(clients)))
     load.elapsed_s = time.perf_counter() - started
