@@ -559,7 +559,50 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--seed", type=int, default=d.seed)
     bb.add_argument("--results-dir", default=d.results_dir, metavar="DIR")
     bb.set_defaults(func=_cmd_bench_burst)
+    _add_bench_embeddings(bench)
     return parser
+
+
+def _add_bench_embeddings(bench) -> None:
+    from ladle.bench.embeddings import EmbeddingBenchOptions
+
+    d = EmbeddingBenchOptions()
+    be = bench.add_parser(
+        "embeddings", help="/v1/embeddings under many clients: dynamic batching against batch size 1, and beside an LLM"
+    )
+    be.add_argument("--clients", type=int, default=d.clients, metavar="N", help=f"concurrent clients ({d.clients})")
+    be.add_argument("--duration", type=float, default=d.duration_s, metavar="S", help=f"per phase ({d.duration_s:g} s)")
+    be.add_argument("--max-batch-size", type=int, default=d.max_batch_size, metavar="N", help=f"({d.max_batch_size})")
+    be.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=d.max_queue_delay_ms,
+        metavar="MS",
+        help=f"({d.max_queue_delay_ms:g})",
+    )
+    be.add_argument(
+        "--llm-streams", type=int, default=d.llm_streams, metavar="N", help=f"0 skips the LLM phases ({d.llm_streams})"
+    )
+    be.add_argument(
+        "--output-len", type=int, default=d.output_len, metavar="N", help=f"tokens per completion ({d.output_len})"
+    )
+    be.add_argument("--model", "-m", default=None, metavar="PATH", help="the LLM (default: the embedded one)")
+    be.add_argument("--embedding-model", default=None, metavar="PATH", help="default: the embedded all-MiniLM-L6-v2")
+    be.add_argument("--port", type=int, default=d.port, help=f"({d.port})")
+    be.add_argument("--results-dir", default=d.results_dir, metavar="DIR")
+    be.set_defaults(func=_cmd_bench_embeddings)
+
+
+def _cmd_bench_embeddings(args: argparse.Namespace) -> int:
+    from ladle.bench.embeddings import EmbeddingBenchOptions, main
+
+    if args.clients < 1 or args.duration <= 0 or args.max_batch_size < 1 or args.llm_streams < 0:
+        raise LadleError("--clients and --max-batch-size must be at least 1, --duration positive, --llm-streams >= 0")
+    return main(EmbeddingBenchOptions(
+        clients=args.clients, duration_s=args.duration, max_batch_size=args.max_batch_size,
+        max_queue_delay_ms=args.max_queue_delay_ms, llm_streams=args.llm_streams, output_len=args.output_len,
+        model=args.model, embedding_model=args.embedding_model, port=args.port, results_dir=args.results_dir,
+    ))  # fmt: skip
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:

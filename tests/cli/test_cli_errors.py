@@ -157,3 +157,25 @@ def test_a_draft_model_of_another_family_fails_at_startup(tiny_models):
     errors = [line for line in result.stderr.splitlines() if line.startswith("ladle: error: ")]
     assert len(errors) == 1 and "different tokenizer" in errors[0] and path in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_embedding_model_that_is_not_a_folder_fails_before_binding(tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = run_ladle("serve", "--embedding-model", str(missing), timeout=60)
+    assert_one_line_error(result, str(missing), "an embedding model is a sentence-transformers folder")
+    (tmp_path / "empty").mkdir()
+    result = run_ladle("serve", "--embedding-model", str(tmp_path / "empty"), timeout=60)
+    assert_one_line_error(result, "folder has no config.json (not a sentence-transformers model folder)")
+
+
+def test_serve_flags_declare_the_embedding_model_beside_the_llm():
+    from ladle.cli import _config_from_flags, _serve_defaults, build_parser
+
+    both = _config_from_flags(
+        build_parser().parse_args(["serve", "--embedding-max-batch-size", "8"]), _serve_defaults()
+    )
+    llm, emb = both.models
+    assert (llm.kind, emb.kind, emb.name) == ("llm", "embedding", "all-MiniLM-L6-v2")
+    assert emb.batching.max_batch_size == 8 and "minilm" in emb.aliases
+    alone = _config_from_flags(build_parser().parse_args(["serve", "--no-embedding-model"]), _serve_defaults())
+    assert [m.kind for m in alone.models] == ["llm"]

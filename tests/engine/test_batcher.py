@@ -290,3 +290,25 @@ def test_close_fails_the_queued_items():
 
     first, queued = asyncio.run(main())
     assert first == 0 and "was unloaded" in str(queued)
+
+
+def test_a_thread_pool_executor_runs_batches_on_its_workers():
+    import concurrent.futures
+
+    from ladle.engine.batcher import thread_pool_executor
+
+    threads = []
+
+    def run(payloads):
+        threads.append(threading.current_thread().name)
+        return [p + 1 for p in payloads]
+
+    async def main(pool):
+        batcher = DynamicBatcher("onnx", run, BatchingConfig(max_batch_size=2, instances=2), thread_pool_executor(pool))
+        results = await asyncio.gather(*(batcher.submit(i, size=1) for i in range(6)))
+        await batcher.close()
+        return results
+
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="instance") as pool:
+        assert asyncio.run(main(pool)) == [1, 2, 3, 4, 5, 6]
+    assert len(threads) == 3 and all(name.startswith("instance") for name in threads)

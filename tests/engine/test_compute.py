@@ -182,3 +182,34 @@ def test_an_admitted_request_counts_as_waiting_until_submitted_and_a_forgotten_o
     finally:
         eng.shutdown()
         compute.stop()
+
+
+def test_timed_jobs_share_the_thread_with_busy_engines_by_time(tiny_models):
+    """A batch of d seconds is followed by about d seconds of the busy engine's steps before the
+    next batch: every batch sees the engine stepped since the one before (counted, not timed)."""
+    import time
+
+    compute = ComputeLoop().start()
+    eng = AsyncEngine.launch(lambda: tiny_engine(tiny_models, "llama"), compute)
+    seen_steps = []
+
+    def batch():
+        time.sleep(0.02)  # a 20 ms batch of a non-generative model
+        seen_steps.append(eng.last_step_s)
+
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+        stream = eng.generate(GenerateRequest("long", [5, 6, 7, 8], params))
+        await anext(stream)  # the engine is busy from here
+        jobs = [asyncio.wrap_future(compute.submit(batch, timed=True)) for _ in range(5)]
+        await asyncio.gather(*jobs)
+        async for _ in stream:
+            pass
+
+    try:
+        asyncio.run(main())
+    finally:
+        eng.shutdown()
+        compute.stop()
+    assert len(seen_steps) == 5
+    assert all(later > earlier for earlier, later in zip(seen_steps, seen_steps[1:], strict=False))

@@ -117,3 +117,49 @@ async def post_json(
             await writer.wait_closed()
         except (ConnectionError, OSError):
             pass
+
+
+class KeepAlive:
+    """One kept-alive HTTP/1.1 connection for non-streamed JSON requests, as pooled clients
+    (httpx, OpenAI's) send them: no TCP set-up per request. Reconnects once if the server closed it."""
+
+    def __init__(self, endpoint: Endpoint):
+        self.endpoint = endpoint
+        self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post_json(self, path: str, body: dict) -> dict:
+        for attempt in range(2):
+            if self._conn is None:
+                self._conn = await asyncio.open_connection(self.endpoint.host, self.endpoint.port)
+            reader, writer = self._conn
+            payload = json.dumps(body).encode()
+            head = (
+                f"POST {self.endpoint.base_path}{path} HTTP/1.1\r\nHost: {self.endpoint.host}:{self.endpoint.port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+            )
+            try:
+                writer.write(head.encode() + payload)
+                await writer.drain()
+                status, headers = await _read_head(reader)
+            except (ConnectionError, OSError):
+                await self.close()
+                if attempt:
+                    raise
+                continue
+            data = b"".join([c async for c in _body_chunks(reader, headers)])
+            if headers.get("connection", "").lower() == "close":
+                await self.close()
+            if status != 200:
+                raise HTTPStatusError(status, data.decode(errors="replace"), headers)
+            return json.loads(data)
+        raise ConnectionError("unreachable")
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            _, writer = self._conn
+            self._conn = None
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass

@@ -75,8 +75,9 @@ class _Item:
 
 
 def compute_loop_executor(compute) -> Executor:
-    """Batches on the shared compute thread (ladle.engine.compute.ComputeLoop), between LLM steps."""
-    return lambda fn: asyncio.wrap_future(compute.submit(fn))
+    """Batches on the shared compute thread (ladle.engine.compute.ComputeLoop), between LLM steps,
+    shared with the LLMs by time."""
+    return lambda fn: asyncio.wrap_future(compute.submit(fn, timed=True))
 
 
 def thread_pool_executor(pool: concurrent.futures.Executor) -> Executor:

@@ -82,7 +82,8 @@ class SentenceTokenizer:
         return self.backend.encode(text).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(texts)]
+        # one at a time: encode_batch's thread pool would spin beside the compute thread's OpenMP team
+        return [self.backend.encode(t).ids for t in texts]
 
     def truncate(self, ids: list[int], limit: int) -> list[int]:
         """ids cut to `limit` tokens keeping the closing [SEP], as sentence-transformers truncates."""

@@ -27,6 +27,7 @@ from ladle.server.app import build_app
 from ladle.server.state import ServerPhase, ServerState
 
 log = logging.getLogger("ladle.server")
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class DrainingServer(uvicorn.Server):
@@ -140,6 +141,10 @@ def create_state(cfg: LadleConfig) -> ServerState:
 
 def run(cfg: LadleConfig, log_level: str = "info") -> int:
     """Serve until drained; returns the process exit code."""
+    # The event loop (HTTP, JSON) and the compute thread share the GIL: at the default 5 ms switch
+    # interval a busy loop makes the compute thread wait up to 5 ms each time it takes the GIL back
+    # between two torch ops, which stretched an LLM step beside 64 embedding clients many times over.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     state = create_state(cfg)
     server_ref: list = []
     app = build_app(state, lifespan=make_lifespan(state, server_ref))
