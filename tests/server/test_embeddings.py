@@ -250,3 +250,42 @@ def test_the_llm_still_serves_beside_it(server):
     )
     assert status == 200 and body["usage"]["completion_tokens"] == 3
     assert json.dumps(body)  # a plain completion, unchanged
+
+
+def test_a_full_embedding_queue_is_429_and_queued_requests_time_out(tiny_models, tmp_path):
+    """Batches of 8 with a minute's delay and room for 2 queued inputs: two requests wait (seen in
+    the admin API), a third is refused at once with 429 and Retry-After, and the two end at their
+    8 s queue timeout with 503 queue_timeout; none is a 500."""
+    import concurrent.futures
+    import time
+
+    import yaml
+
+    from ladle.model.source import embedded_embedding_model_path
+
+    batching = {"max_batch_size": 8, "max_queue_delay_ms": 60000, "max_queue_size": 2, "queue_timeout_s": 8}
+    config = {"models": [{"name": "tiny", "model": str(tiny_models["llama"].gguf_path), "kv_cache_memory_gib": 0.02},
+                         {"name": "mini", "kind": "embedding", "model": str(embedded_embedding_model_path()),
+                          "batching": batching}]}  # fmt: skip
+    (tmp_path / "ladle.yaml").write_text(yaml.safe_dump(config))
+    held = ServerProcess("--config", str(tmp_path / "ladle.yaml"), "--admin-key", "admin-test")
+    try:
+        body = {"model": "mini", "input": "one sentence"}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            waiting = [pool.submit(held.request, "POST", "/v1/embeddings", body) for _ in range(2)]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # a state to reach, not a time to measure
+                models = {m["name"]: m for m in held.request("GET", "/admin/models", headers=ADMIN)[2]["models"]}
+                if models["mini"]["batching"]["queued"] == 2:
+                    break
+                time.sleep(0.05)
+            assert models["mini"]["batching"]["queued"] == 2
+            status, headers, reply = held.request("POST", "/v1/embeddings", body)
+            assert status == 429 and "max_queue_size" in reply["error"]["message"], reply
+            assert int(headers["retry-after"]) >= 1
+            for f in waiting:
+                status, _, reply = f.result()
+                assert status == 503 and reply["error"]["code"] == "queue_timeout", reply
+        assert held.metric("ladle_http_requests_total", status="500") == 0
+    finally:
+        held.stop()
