@@ -19,11 +19,10 @@ import numpy as np
 
 from ladle.config import ModelEntry
 from ladle.engine.batcher import DynamicBatcher, compute_loop_executor
-from ladle.engine.load import LoadSnapshot
-from ladle.errors import InvalidRequestError, LadleError
+from ladle.errors import InvalidRequestError
 from ladle.model.sentence import SentenceSpec, SentenceTokenizer
 from ladle.model.source import resolve_embedding_model
-from ladle.router.endpoint import EMBED, EndpointStatus, Phase
+from ladle.router.endpoint import EMBED, BatchedEndpoint, Phase
 
 log = logging.getLogger(__name__)
 
@@ -49,38 +48,24 @@ class _Loaded:
     info: EmbeddingInfo
 
 
-class EmbeddingEndpoint:
+class EmbeddingEndpoint(BatchedEndpoint):
     kind = "embedding"
     tasks = frozenset({EMBED})
 
     def __init__(self, entry: ModelEntry, compute, warmup: bool = True, observe_batch=None):
-        self.entry = entry
-        self.name = entry.name
+        super().__init__(entry)
         self.compute = compute
         self.warmup = warmup
         self.observe_batch = observe_batch or (lambda name, record: None)
-        self.phase = Phase.UNLOADED
-        self.failure: str | None = None
-        self.failed_by_bug = False
-        self.ready_since_s: float | None = None
-        self.last_used_s: float | None = None
-        self.num_in_flight = 0
-        self.memory_bytes = 0
-        self.removing = False
         self.loaded: _Loaded | None = None
         self.batcher: DynamicBatcher | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.phase, self.failure, self.failed_by_bug = Phase.LOADING, None, False
-        try:
-            loaded = await asyncio.wrap_future(self.compute.submit(self._load))
-        except LadleError as e:
-            return self._failed(str(e))
-        except Exception as e:  # a bug: say so with the traceback
-            log.exception("loading model %s failed", self.name)
-            return self._failed(f"{type(e).__name__}: {e}", bug=True)
+        loaded = await self._loading(asyncio.wrap_future(self.compute.submit(self._load)))
+        if loaded is None:
+            return
         self.loaded, self.memory_bytes = loaded, loaded.memory_bytes
         self.batcher = DynamicBatcher(
             self.name,
@@ -126,48 +111,12 @@ class EmbeddingEndpoint:
             n = min(n, self.loaded.spec.max_seq_length)
             self.loaded.encoder.embed([[tok.cls_token_id or 0] + [1000] * (n - 2) + [tok.sep_token_id or 0]] * 2)
 
-    def _failed(self, message: str, bug: bool = False) -> None:
-        self.phase, self.failure, self.failed_by_bug = Phase.FAILED, message, bug
-        log.info("model %s failed to load: %s", self.name, message)
-
-    async def drain(self, timeout_s: float) -> None:
-        if self.loaded is None:
-            return
-        self.phase = Phase.DRAINING
-        deadline = time.monotonic() + timeout_s
-        while self.num_in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-
     async def close(self) -> None:
-        batcher, self.batcher = self.batcher, None
-        if batcher is not None:
-            await batcher.close()
+        await self._close_batcher()
         self.loaded = None
-        if self.phase != Phase.FAILED:
-            self.phase = Phase.UNLOADED
-        self.memory_bytes, self.ready_since_s = 0, None
+        self._unloaded()
 
     # -- state -------------------------------------------------------------------------------------
-
-    @property
-    def is_loaded(self) -> bool:
-        return self.loaded is not None
-
-    @property
-    def num_unfinished(self) -> int:
-        return self.num_in_flight
-
-    @property
-    def num_queued(self) -> int:
-        return self.batcher.num_queued if self.batcher is not None else 0
-
-    def status(self) -> EndpointStatus:
-        return EndpointStatus(
-            self.phase, self.failure, self.ready_since_s, self.last_used_s, self.memory_bytes, self.num_in_flight
-        )
-
-    def load(self) -> LoadSnapshot | None:
-        return None  # its back-pressure is the batcher's bounded queue
 
     @property
     def info(self) -> EmbeddingInfo | None:
@@ -227,14 +176,7 @@ class EmbeddingEndpoint:
         self, batch: list[list[int]], dimensions: int | None = None, timeout_s: float | None = None
     ) -> list[np.ndarray]:
         """One float32 vector per input; each input is an item of the batcher (sized by its length)."""
-        batcher = self.batcher
-        self.num_in_flight += 1
-        self.last_used_s = time.monotonic()
-        try:
-            vectors = await asyncio.gather(*(batcher.submit(ids, len(ids), timeout_s) for ids in batch))
-        finally:
-            self.num_in_flight -= 1
-            self.last_used_s = time.monotonic()
+        vectors = await self._submit_all(self.batcher, [(ids, len(ids)) for ids in batch], timeout_s)
         if dimensions is not None and dimensions != self.loaded.spec.dimensions:
             vectors = [self._shorten(v, dimensions) for v in vectors]
         return vectors

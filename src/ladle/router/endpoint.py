@@ -7,16 +7,23 @@ never reach inside an engine.
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from collections.abc import AsyncIterator
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from ladle.config import ModelEntry
 from ladle.engine.load import LoadSnapshot
 from ladle.engine.outputs import RequestOutput
 from ladle.engine.request import GenerateRequest
+from ladle.errors import LadleError
 from ladle.sample.params import SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 GENERATE = "generate"  # tasks an endpoint may serve: text generation (LLMs)
 EMBED = "embed"  # vectors of texts (embedding models: /v1/embeddings)
@@ -101,3 +108,92 @@ class GenerateEndpoint(Endpoint, Protocol):
     def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]: ...
 
     def abort(self, request_id: str) -> None: ...
+
+
+class LocalEndpoint:
+    """What every in-process endpoint keeps of its lifecycle (LocalLLM, EmbeddingEndpoint,
+    OnnxEndpoint): the phase and why it failed, when it was ready and last used, what it holds."""
+
+    def __init__(self, entry: ModelEntry):
+        self.entry = entry
+        self.name = entry.name
+        self.phase = Phase.UNLOADED
+        self.failure: str | None = None
+        self.failed_by_bug = False  # the failure was an unexpected exception, not a user error
+        self.ready_since_s: float | None = None
+        self.last_used_s: float | None = None
+        self.num_in_flight = 0
+        self.memory_bytes = 0
+        self.removing = False  # the admin API is removing it: no new requests
+
+    async def _loading(self, load: Awaitable[T]) -> T | None:
+        """Phase LOADING while `load` runs; its result, or None with the phase FAILED and why (a
+        LadleError says what the user got wrong; anything else is a bug, logged with its traceback)."""
+        self.phase, self.failure, self.failed_by_bug = Phase.LOADING, None, False
+        try:
+            return await load
+        except LadleError as e:
+            self._failed(str(e))
+        except Exception as e:
+            log.exception("loading model %s failed", self.name)
+            self._failed(f"{type(e).__name__}: {e}", bug=True)
+        return None
+
+    def _failed(self, message: str, bug: bool = False) -> None:
+        self.phase, self.failure, self.failed_by_bug = Phase.FAILED, message, bug
+        log.info("model %s failed to load: %s", self.name, message)
+
+    def _unloaded(self) -> None:
+        if self.phase != Phase.FAILED:
+            self.phase = Phase.UNLOADED
+        self.memory_bytes, self.ready_since_s = 0, None
+
+    def status(self) -> EndpointStatus:
+        return EndpointStatus(
+            self.phase, self.failure, self.ready_since_s, self.last_used_s, self.memory_bytes, self.num_in_flight
+        )
+
+
+class BatchedEndpoint(LocalEndpoint):
+    """An in-process endpoint whose requests go through a DynamicBatcher (embeddings, tensor
+    models): its back-pressure is the batcher's bounded queue, not a load estimate."""
+
+    batcher = None  # DynamicBatcher while loaded
+
+    @property
+    def is_loaded(self) -> bool:
+        return self.batcher is not None
+
+    @property
+    def num_unfinished(self) -> int:
+        return self.num_in_flight
+
+    @property
+    def num_queued(self) -> int:
+        return self.batcher.num_queued if self.batcher is not None else 0
+
+    def load(self) -> LoadSnapshot | None:
+        return None
+
+    async def drain(self, timeout_s: float) -> None:
+        if not self.is_loaded:
+            return
+        self.phase = Phase.DRAINING
+        deadline = time.monotonic() + timeout_s
+        while self.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def _close_batcher(self) -> None:
+        batcher, self.batcher = self.batcher, None
+        if batcher is not None:
+            await batcher.close()
+
+    async def _submit_all(self, batcher, items: list[tuple[object, int]], timeout_s: float | None = None) -> list:
+        """Each (payload, size) through the batcher, counted in flight meanwhile."""
+        self.num_in_flight += 1
+        self.last_used_s = time.monotonic()
+        try:
+            return list(await asyncio.gather(*(batcher.submit(p, size, timeout_s) for p, size in items)))
+        finally:
+            self.num_in_flight -= 1
+            self.last_used_s = time.monotonic()

@@ -14,8 +14,7 @@ from ladle.engine.compute import ComputeLoop
 from ladle.engine.load import LoadSnapshot
 from ladle.engine.outputs import RequestOutput
 from ladle.engine.request import GenerateRequest
-from ladle.errors import LadleError
-from ladle.router.endpoint import GENERATE, EndpointStatus, Phase
+from ladle.router.endpoint import GENERATE, LocalEndpoint, Phase
 from ladle.sample.params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -24,37 +23,21 @@ WARMUP_PROMPT_LENGTHS = (8, 200)  # without warmup_prompts: a short and a longer
 WARMUP_OUTPUT_TOKENS = 4
 
 
-class LocalLLM:
+class LocalLLM(LocalEndpoint):
     kind = "llm"
     tasks = frozenset({GENERATE})
 
     def __init__(self, entry: ModelEntry, compute: ComputeLoop, warmup: bool = True):
-        self.entry = entry
-        self.name = entry.name
+        super().__init__(entry)
         self.compute = compute
         self.warmup = warmup
         self.engine = None  # AsyncEngine while loaded
-        self.phase = Phase.UNLOADED
-        self.failure: str | None = None
-        self.failed_by_bug = False  # the failure was an unexpected exception, not a user error
-        self.ready_since_s: float | None = None
-        self.last_used_s: float | None = None
-        self.num_in_flight = 0
-        self.memory_bytes = 0
-        self.removing = False  # the admin API is removing it: no new requests
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.phase, self.failure, self.failed_by_bug = Phase.LOADING, None, False
-        try:
-            self.engine = await asyncio.to_thread(self._launch)
-        except LadleError as e:
-            self._failed(str(e))
-            return
-        except Exception as e:  # a bug: say so with the traceback
-            log.exception("loading model %s failed", self.name)
-            self._failed(f"{type(e).__name__}: {e}", bug=True)
+        self.engine = await self._loading(asyncio.to_thread(self._launch))
+        if self.engine is None:
             return
         info = self.engine.engine.info
         self.memory_bytes = info.weight_bytes + info.kv_cache_bytes
@@ -70,10 +53,6 @@ class LocalLLM:
         engine = self.entry.engine
         config = dataclasses.replace(engine, model=dataclasses.replace(engine.model, served_name=self.name))
         return AsyncEngine.launch(lambda: build_engine(config, between=self.compute.share), self.compute)
-
-    def _failed(self, message: str, bug: bool = False) -> None:
-        self.phase, self.failure, self.failed_by_bug = Phase.FAILED, message, bug
-        log.info("model %s failed to load: %s", self.name, message)
 
     async def _warm_up(self) -> None:
         """Real forward passes of the shapes serving will see, then an empty prefix cache."""
@@ -112,9 +91,7 @@ class LocalLLM:
         engine, self.engine = self.engine, None
         if engine is not None:
             await asyncio.to_thread(engine.shutdown)
-        if self.phase != Phase.FAILED:
-            self.phase = Phase.UNLOADED
-        self.memory_bytes, self.ready_since_s = 0, None
+        self._unloaded()
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -131,11 +108,6 @@ class LocalLLM:
         return (
             f"{info.model_name} ({info.weights_description} on {info.device}, {info.attention_backend} attention, "
             f"KV cache {info.kv_capacity_tokens} tokens, context {info.max_model_len})"
-        )
-
-    def status(self) -> EndpointStatus:
-        return EndpointStatus(
-            self.phase, self.failure, self.ready_since_s, self.last_used_s, self.memory_bytes, self.num_in_flight
         )
 
     def load(self) -> LoadSnapshot | None:

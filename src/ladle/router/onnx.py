@@ -15,10 +15,9 @@ from pathlib import Path
 
 from ladle.config import BatchingConfig, LadleConfig, ModelEntry
 from ladle.engine.batcher import DynamicBatcher, thread_pool_executor
-from ladle.engine.load import LoadSnapshot
 from ladle.errors import LadleError
 from ladle.model.tensor_repository import TensorModel, read_model_folder, scan_repository
-from ladle.router.endpoint import INFER, EndpointStatus, Phase
+from ladle.router.endpoint import INFER, BatchedEndpoint, Phase
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ def with_tensor_models(cfg: LadleConfig, base_dir: str | Path = ".") -> LadleCon
     return dataclasses.replace(cfg, models=tuple(models))
 
 
-class OnnxEndpoint:
+class OnnxEndpoint(BatchedEndpoint):
     kind = "onnx"
     tasks = frozenset({INFER})
 
@@ -74,22 +73,13 @@ class OnnxEndpoint:
         if not entry.engine.model.model:
             raise LadleError(f"model {entry.name!r}: kind onnx needs `model: <model-repository folder>`")
         entry = tensor_model_entry(entry.engine.model.model, entry)  # batching from the folder (an admin API entry too)
-        self.entry = entry
-        self.name = entry.name
+        super().__init__(entry)
         self.model: TensorModel = read_model_folder(entry.engine.model.model)
         self.warmup = warmup
         self.observe_batch = observe_batch
         self.sessions = None  # OnnxSessions while loaded
         self.batcher: DynamicBatcher | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self.phase = Phase.UNLOADED
-        self.failure: str | None = None
-        self.failed_by_bug = False
-        self.ready_since_s: float | None = None
-        self.last_used_s: float | None = None
-        self.num_in_flight = 0
-        self.memory_bytes = 0
-        self.removing = False
         self.info = None  # no LLM engine info
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -97,15 +87,8 @@ class OnnxEndpoint:
     async def start(self) -> None:
         from ladle.runner.onnx_session import OnnxSessions
 
-        self.phase, self.failure, self.failed_by_bug = Phase.LOADING, None, False
-        try:
-            self.sessions = await asyncio.to_thread(OnnxSessions, self.model)
-        except LadleError as e:
-            self._failed(str(e))
-            return
-        except Exception as e:  # a bug: say so with the traceback
-            log.exception("loading model %s failed", self.name)
-            self._failed(f"{type(e).__name__}: {e}", bug=True)
+        self.sessions = await self._loading(asyncio.to_thread(OnnxSessions, self.model))
+        if self.sessions is None:
             return
         self.memory_bytes = self.sessions.info.model_bytes * self.model.config.instances
         batching: BatchingConfig = self.entry.batching
@@ -133,39 +116,15 @@ class OnnxEndpoint:
         log.info("%s: warm-up done in %.2f s", self.name, time.monotonic() - started)
         return True
 
-    def _failed(self, message: str, bug: bool = False) -> None:
-        self.phase, self.failure, self.failed_by_bug = Phase.FAILED, message, bug
-        log.info("model %s failed to load: %s", self.name, message)
-
-    async def drain(self, timeout_s: float) -> None:
-        if self.batcher is None:
-            return
-        self.phase = Phase.DRAINING
-        deadline = time.monotonic() + timeout_s
-        while self.num_in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-
     async def close(self) -> None:
-        batcher, self.batcher = self.batcher, None
-        if batcher is not None:
-            await batcher.close()
+        await self._close_batcher()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
         self.sessions = None
-        if self.phase != Phase.FAILED:
-            self.phase = Phase.UNLOADED
-        self.memory_bytes, self.ready_since_s = 0, None
+        self._unloaded()
 
     # -- state -------------------------------------------------------------------------------------
-
-    @property
-    def is_loaded(self) -> bool:
-        return self.sessions is not None
-
-    @property
-    def num_unfinished(self) -> int:
-        return self.num_in_flight
 
     def summary(self) -> str:
         info = self.sessions.info
@@ -191,18 +150,6 @@ class OnnxEndpoint:
             tensor["threads_per_instance"] = self.sessions.info.num_threads
         return {"tensor_model": tensor}
 
-    def status(self) -> EndpointStatus:
-        return EndpointStatus(
-            self.phase, self.failure, self.ready_since_s, self.last_used_s, self.memory_bytes, self.num_in_flight
-        )
-
-    def load(self) -> LoadSnapshot | None:
-        return None
-
-    @property
-    def num_queued(self) -> int:
-        return self.batcher.num_queued if self.batcher is not None else 0
-
     # -- requests ----------------------------------------------------------------------------------
 
     async def infer(self, inputs: dict, num_rows: int) -> dict:
@@ -213,10 +160,5 @@ class OnnxEndpoint:
         if batcher is None:
             raise LadleError(f"the model `{self.name}` is not loaded")
         size = sum(math.prod(a.shape[1:]) for a in inputs.values()) if self.model.config.max_batch_size else 0
-        self.num_in_flight += 1
-        self.last_used_s = time.monotonic()
-        try:
-            return await batcher.submit(inputs, size)
-        finally:
-            self.num_in_flight -= 1
-            self.last_used_s = time.monotonic()
+        (outputs,) = await self._submit_all(batcher, [(inputs, size)])
+        return outputs
