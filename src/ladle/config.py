@@ -9,7 +9,9 @@ from ladle.errors import LadleError
 
 INLINE = {"inline": True}  # a config file gives this field's own fields in the parent's mapping
 
-POLICIES = ("fcfs", "priority")
+POLICIES = ("fcfs", "priority", "vtc")  # ladle.engine.policy implements them
+PRIORITY_CLASSES = ("interactive", "batch")  # a tenant's class: interactive requests go first
+BUDGET_PERIODS = ("day", "month")  # a tenant's token or cost budget renews every period (UTC)
 QUANTIZATION_METHODS = ("none", "int8", "int4", "from-gguf", "w8a8")  # ladle.model.quant implements them
 TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")  # ladle.server.tool_parsers implements them
 MODEL_KINDS = ("llm", "embedding", "onnx")  # what a model entry serves: ladle.router.registry builds each
@@ -297,6 +299,45 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class PriceConfig:
+    """What a model's tokens cost, for showback (docs/tenants.md); all prices in one currency."""
+
+    model: str  # the served name of the model that answered
+    prompt_per_1k: float = 0.0  # per 1,000 prompt tokens computed (not cached)
+    cached_per_1k: float = 0.0  # per 1,000 prompt tokens served from the prefix cache
+    completion_per_1k: float = 0.0  # per 1,000 generated tokens
+    per_engine_second: float = 0.0  # self-hosted cost: per second of engine compute the request used
+
+    def __post_init__(self):
+        for name in ("prompt_per_1k", "cached_per_1k", "completion_per_1k", "per_engine_second"):
+            if getattr(self, name) < 0:
+                raise LadleError(f"price of {self.model!r}: {name} must be >= 0")
+
+
+@dataclass(frozen=True)
+class MeteringConfig:
+    """Tenants, the usage ledger and quotas (docs/tenants.md)."""
+
+    data_dir: str = "~/.local/share/ladle"  # where the default SQLite database lives
+    database: str | None = None  # SQLAlchemy URL: sqlite:///FILE or postgresql://...; None: DATA_DIR/ladle.db
+    redis: str | None = None  # redis://... : quota counters shared by replicas; None: in this process
+    ledger: bool = True  # write one usage row per request
+    flush_interval_s: float = 0.25  # the ledger writes its rows at least this often (kill -9 loses at most these)
+    share_prefix_cache: bool = False  # tenants may reuse each other's prefix-cache blocks (else salted per tenant)
+    prices: tuple[PriceConfig, ...] = ()  # per model, for costs in usage reports and cost budgets
+
+    def __post_init__(self):
+        if not 0 < self.flush_interval_s <= 1.0:
+            raise LadleError(f"flush_interval_s must be in (0, 1], got {self.flush_interval_s}")
+        models = [p.model for p in self.prices]
+        if len(set(models)) != len(models):
+            raise LadleError("prices: a model is priced twice")
+
+    def price(self, model: str) -> PriceConfig:
+        return next((p for p in self.prices if p.model == model), PriceConfig(model))
+
+
+@dataclass(frozen=True)
 class LadleConfig:
     """The whole tree: the server, the models it serves and how requests reach them."""
 
@@ -306,6 +347,7 @@ class LadleConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     routers: tuple[RouterConfig, ...] = ()
+    metering: MeteringConfig = field(default_factory=MeteringConfig)
     model_repository: str | None = (
         None  # a folder of tensor models (docs/model-repository.md): each one a kind onnx entry
     )

@@ -316,7 +316,7 @@ class AsyncEngine:
         try:
             self.engine.add_request(
                 command.request_id, command.prompt_token_ids, command.params, command.priority, command.cache_salt,
-                deadline_s=command.deadline_s,
+                deadline_s=command.deadline_s, tenant=command.tenant, weight=command.weight,
             )  # fmt: skip
         except Exception as e:
             self._dispatch_error(command.request_id, e)

@@ -168,6 +168,8 @@ class EngineCore:
         cache_salt: str | None = None,
         arrival_s: float | None = None,
         deadline_s: float | None = None,
+        tenant: str = "default",
+        weight: float = 1.0,
     ) -> None:
         """Queue a request; with deadline_s (monotonic), one not started by then ends with finish
         reason "timeout" and no tokens."""
@@ -190,6 +192,8 @@ class EngineCore:
                     eos_token_ids=self.tokenizer.stop_token_ids,
                     priority=priority,
                     cache_salt=cache_salt,
+                    tenant=tenant,
+                    weight=weight,
                     max_total_tokens=self.max_model_len,
                     arrival_s=arrival,
                     parent_id=samples[0].request_id if i else None,
@@ -408,6 +412,7 @@ class EngineCore:
                 request.first_token_s,
                 time.monotonic(),
                 request.num_preemptions,
+                request.engine_time_s,
             )
         return RequestOutput(
             request_id=self.group_of[request.request_id],

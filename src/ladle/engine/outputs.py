@@ -34,6 +34,7 @@ class RequestMetrics:
     first_token_s: float | None  # time to first token ends
     finished_s: float  # end
     num_preemptions: int  # times recomputed
+    engine_time_s: float = 0.0  # its share of each step's compute, split by the tokens it had in the step
 
 
 @dataclass

@@ -40,6 +40,8 @@ class GenerateRequest:
     priority: int = 0  # lower is served first under the priority policy
     cache_salt: str | None = None  # isolates prefix-cache entries (per tenant)
     deadline_s: float | None = None  # monotonic time by which it must have started (None: none)
+    tenant: str = "default"  # who it is for: fair scheduling counts its tokens to this tenant
+    weight: float = 1.0  # the tenant's share under fair scheduling (vtc)
 
 
 @dataclass
@@ -50,6 +52,9 @@ class Request:
     eos_token_ids: tuple[int, ...] = ()  # the model's stop ids, honoured unless params.ignore_eos
     priority: int = 0  # lower is served first under the priority policy
     cache_salt: str | None = None  # isolates prefix-cache entries (per tenant)
+    tenant: str = "default"  # who it is for (fair scheduling)
+    weight: float = 1.0  # the tenant's share under fair scheduling
+    engine_time_s: float = 0.0  # its share of the compute of the steps it was in (split by tokens)
     max_total_tokens: int = 0  # prompt + output may not exceed this (the context length)
     arrival_s: float = field(default_factory=time.monotonic)  # when it entered the engine
     output_token_ids: list[int] = field(default_factory=list)  # generated so far

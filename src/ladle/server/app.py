@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ladle.metering.tenants import Principal
 from ladle.server import admin, anthropic_api, embeddings_api, kserve_api, openai_api
 from ladle.server.errors import APIError, BodyTooLarge, ClientDisconnected
 from ladle.server.state import ServerPhase, ServerState
@@ -67,6 +68,7 @@ ROUTES = [
 ]
 ROUTE_PATHS = {r.path for r in ROUTES}
 ADMIN_PREFIX = "/admin/"
+ADMIN_READABLE = {"/v1/usage"}  # user paths that also take the admin key (seeing every tenant)
 
 
 def _route_label(path: str) -> str:
@@ -171,16 +173,34 @@ class LadleMiddleware:
         # a bearer token, or Anthropic's header (its clients send the key as x-api-key)
         token = auth[7:] if auth.lower().startswith("bearer ") else headers.get(b"x-api-key", b"").decode("latin-1")
         if path.startswith(ADMIN_PREFIX):
-            return _admin_refusal(cfg, token)
-        if cfg.api_keys and path not in PUBLIC_PATHS:
-            if not _matches(token, cfg.api_keys):
-                what = "no API key was given" if not token else "the API key is not valid"
-                return APIError(
-                    401,
-                    f"Incorrect API key provided: {what}. Send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'.",
-                    code="invalid_api_key",
-                ).response(path)
+            refusal = _admin_refusal(cfg, token)
+            if refusal is None:
+                scope["state"]["principal"] = Principal(self.state.directory.default, None, is_admin=True)
+            return refusal
+        principal = self._principal(cfg, token, path)
+        if principal is None and path not in PUBLIC_PATHS:
+            what = "no API key was given" if not token else "the API key is not valid"
+            return APIError(
+                401,
+                f"Incorrect API key provided: {what}. Send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'.",
+                code="invalid_api_key",
+            ).response(path)
+        scope["state"]["principal"] = principal
         return None
+
+    def _principal(self, cfg, token: str, path: str) -> Principal | None:
+        """Who the token is: a tenant's key, the admin (on the paths it may read beside the admin
+        API: an admin key is no user key), or (as the default tenant) a --api-key key or anyone
+        where the server needs no key; None: refused."""
+        directory = self.state.directory
+        found = directory.authenticate(token)
+        if found is not None:
+            return found
+        if path in ADMIN_READABLE and token and cfg.admin_keys and _matches(token, cfg.admin_keys):
+            return Principal(directory.default, None, is_admin=True)
+        if cfg.api_keys:
+            return Principal(directory.default, None) if token and _matches(token, cfg.api_keys) else None
+        return Principal(directory.default, None) if directory.is_open else None
 
     def _limited(self, receive, headers):
         limit = self.state.config.server.max_request_bytes

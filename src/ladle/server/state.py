@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from ladle.config import LadleConfig
 from ladle.metering.prometheus import ServerMetrics
+from ladle.metering.tenants import Principal, TenantDirectory
+from ladle.metering.usage import UsageRecord, UsageSink
 from ladle.router.complexity import Features
 from ladle.router.endpoint import Endpoint
 from ladle.router.registry import ModelNotFound, ModelUnavailable, Registry, WrongTask
@@ -34,6 +36,17 @@ class ServerState:
     failure: str | None = None  # why the server could not start
     started_s: float = field(default_factory=time.time)
     exit_code: int = 0
+    directory: TenantDirectory = field(default_factory=TenantDirectory)  # tenants and their keys
+    sinks: list[UsageSink] = field(default_factory=list)  # each request's usage row goes to all of them
+
+    def record_usage(self, row: UsageRecord) -> None:
+        for sink in self.sinks:
+            sink.record(row)
+
+    @staticmethod
+    def principal(request) -> Principal:
+        """Who sent the request (set by the middleware once its key passed)."""
+        return request.scope["state"]["principal"]
 
     def check_serving(self) -> None:
         """503 while the server drains (requests for a model still loading wait for it)."""
