@@ -59,6 +59,17 @@ def test_a_padded_batch_equals_each_input_alone(folder, bert):
     assert np.abs(together - alone).max() < 1e-5
 
 
+def test_the_packed_encoder_equals_its_padded_twin(folder, bert):
+    """Dense layers on the real tokens only give the padded computation's vectors (each pooling)."""
+    padded = load_bert(folder, packed=False)
+    ids = SentenceTokenizer(folder).encode_batch(TEXTS)
+    assert len({len(i) for i in ids}) > 1  # the batch pads
+    for mode in ("mean", "cls", "max", "mean_sqrt_len"):
+        ours = SentenceEncoder(bert, mode, normalize=True).embed(ids)
+        twin = SentenceEncoder(padded, mode, normalize=True).embed(ids)
+        assert np.abs(ours - twin).max() < 1e-5
+
+
 def test_weights_from_pytorch_model_bin_equal_safetensors(folder, bert, tmp_path):
     copy = tmp_path / "bin"
     shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("model.safetensors"))

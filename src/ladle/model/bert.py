@@ -2,6 +2,11 @@
 token, position and segment embeddings, then post-LayerNorm transformer layers with GELU, an
 attention mask over padding. Float32 by default (MiniLM is 22M parameters). Pooling and
 normalisation as the folder's sentence-transformers modules say (`pool`).
+
+A padded batch computes its dense layers (Q/K/V, output, MLP: nearly all the FLOPs) on its real
+tokens only, packed into one [N, H] matrix (`Packing`); attention alone runs padded, per
+sequence. A batch of mixed lengths wastes no compute on padding, as vLLM and TEI serve encoders
+unpadded; `BertModel(packed=False)` is the padded twin the tests compare against.
 """
 
 from __future__ import annotations
@@ -73,6 +78,30 @@ class Embeddings(nn.Module):
         return self.LayerNorm(x)
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Where the real tokens of a padded [B, T] batch lie, to compute dense layers on them only."""
+
+    index: torch.Tensor  # [N] positions, in the flattened [B * T], of the tokens that are not padding
+    batch: int  # B
+    length: int  # T
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor) -> Packing | None:
+        """None where nothing is padding (packing would only copy)."""
+        if bool(attention_mask.all()):
+            return None
+        b, t = attention_mask.shape
+        return cls(attention_mask.reshape(-1).nonzero().squeeze(1), b, t)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [N, D]
+        return x.reshape(self.batch * self.length, -1).index_select(0, self.index)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:  # [N, D] -> [B, T, D], zeros at padding
+        out = x.new_zeros(self.batch * self.length, x.shape[-1])
+        return out.index_copy_(0, self.index, x).view(self.batch, self.length, -1)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, c: BertConfig):
         super().__init__()
@@ -81,14 +110,18 @@ class SelfAttention(nn.Module):
         self.key = nn.Linear(c.hidden_size, c.hidden_size)
         self.value = nn.Linear(c.hidden_size, c.hidden_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # x [B, T, H], mask [B, 1, 1, T]
-        b, t, h = x.shape
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, packing: Packing | None) -> torch.Tensor:
+        # x [B, T, H] (or [N, H] packed), mask [B, 1, 1, T] -> the same shape as x
 
-        def heads(proj):  # [B, T, H] -> [B, heads, T, H/heads]
-            return proj(x).view(b, t, self.num_heads, h // self.num_heads).transpose(1, 2)
+        def heads(proj):  # -> [B, heads, T, H/heads]
+            y = proj(x) if packing is None else packing.pad(proj(x))
+            b, t, h = y.shape
+            return y.view(b, t, self.num_heads, h // self.num_heads).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(heads(self.query), heads(self.key), heads(self.value), attn_mask=mask)
-        return out.transpose(1, 2).reshape(b, t, h)
+        b, _, t, _ = out.shape
+        out = out.transpose(1, 2).reshape(b, t, -1)
+        return out if packing is None else packing.pack(out)
 
 
 class DenseNorm(nn.Module):
@@ -109,8 +142,8 @@ class Attention(nn.Module):
         self.self = SelfAttention(c)
         self.output = DenseNorm(c, c.hidden_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.output(self.self(x, mask), x)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, packing: Packing | None) -> torch.Tensor:
+        return self.output(self.self(x, mask, packing), x)
 
 
 class Intermediate(nn.Module):
@@ -130,8 +163,8 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(c)
         self.output = DenseNorm(c, c.intermediate_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.attention(x, mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, packing: Packing | None) -> torch.Tensor:
+        x = self.attention(x, mask, packing)
         return self.output(self.intermediate(x), x)
 
 
@@ -144,27 +177,31 @@ class Encoder(nn.Module):
 class BertModel(nn.Module):
     """Token ids and their attention mask in, the last hidden states out."""
 
-    def __init__(self, c: BertConfig):
+    def __init__(self, c: BertConfig, packed: bool = True):
         super().__init__()
         self.config = c
+        self.packed = packed  # dense layers on the real tokens only (False: on the padded batch)
         self.embeddings = Embeddings(c)
         self.encoder = Encoder(c)
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # ids, attention_mask [B, T] (1 for tokens, 0 for padding) -> [B, T, H]
+        # ids, attention_mask [B, T] (1 for tokens, 0 for padding) -> [B, T, H] (zeros at padding when packed)
         mask = attention_mask.bool()[:, None, None, :]  # keys a query may attend to
+        packing = Packing.of(attention_mask) if self.packed else None
         x = self.embeddings(ids)
+        if packing is not None:
+            x = packing.pack(x)  # [N, H]
         for layer in self.encoder.layer:
-            x = layer(x, mask)
-        return x
+            x = layer(x, mask, packing)
+        return x if packing is None else packing.pad(x)
 
 
-def load_bert(folder: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> BertModel:
+def load_bert(folder: Path, dtype: torch.dtype = torch.float32, device: str = "cpu", packed: bool = True) -> BertModel:
     """The encoder of a Hugging Face BERT folder (model.safetensors or pytorch_model.bin)."""
     config = BertConfig.from_folder(folder)
     state = _read_weights(folder)
     prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
-    model = BertModel(config)
+    model = BertModel(config, packed)
     wanted = model.state_dict()
     missing = [k for k in wanted if prefix + k not in state]
     if missing:
