@@ -17,6 +17,7 @@ from ladle import __version__
 from ladle.config import (
     POLICIES,
     QUANTIZATION_METHODS,
+    RUNTIMES,
     TOOL_CALL_PARSERS,
     AdmissionConfig,
     BatchingConfig,
@@ -307,6 +308,12 @@ def _add_serve_args(srv: argparse.ArgumentParser) -> None:
         metavar="MS",
         help=f"how long a batch's first input waits for others ({b.max_queue_delay_ms:g} ms)",
     )
+    g.add_argument(
+        "--embedding-runtime",
+        default=ModelConfig.runtime,
+        choices=RUNTIMES,
+        help="torch: Ladle's encoder; onnxruntime: the encoder exported to ONNX at load and run by ONNX Runtime",
+    )
     g = srv.add_argument_group("admission")
     g.add_argument("--ttft-target-ms", type=float, default=None, metavar="MS", help="P95 time-to-first-token target")
     g.add_argument("--tpot-target-ms", type=float, default=None, metavar="MS", help="P95 time-per-output-token target")
@@ -588,6 +595,7 @@ def _add_bench_embeddings(bench) -> None:
     )
     be.add_argument("--model", "-m", default=None, metavar="PATH", help="the LLM (default: the embedded one)")
     be.add_argument("--embedding-model", default=None, metavar="PATH", help="default: the embedded all-MiniLM-L6-v2")
+    be.add_argument("--embedding-runtime", default=d.runtime, choices=RUNTIMES, help=f"({d.runtime})")
     be.add_argument("--port", type=int, default=d.port, help=f"({d.port})")
     be.add_argument("--results-dir", default=d.results_dir, metavar="DIR")
     be.set_defaults(func=_cmd_bench_embeddings)
@@ -602,6 +610,7 @@ def _cmd_bench_embeddings(args: argparse.Namespace) -> int:
         clients=args.clients, duration_s=args.duration, max_batch_size=args.max_batch_size,
         max_queue_delay_ms=args.max_queue_delay_ms, llm_streams=args.llm_streams, output_len=args.output_len,
         model=args.model, embedding_model=args.embedding_model, port=args.port, results_dir=args.results_dir,
+        runtime=args.embedding_runtime,
     ))  # fmt: skip
 
 
@@ -739,7 +748,7 @@ def _embedding_entry(args: argparse.Namespace, taken: set[str]) -> tuple[ModelEn
     batching = BatchingConfig(
         max_batch_size=args.embedding_max_batch_size, max_queue_delay_ms=args.embedding_max_queue_delay_ms
     )
-    model = ModelConfig(model=str(source.path), served_name=source.name)
+    model = ModelConfig(model=str(source.path), served_name=source.name, runtime=args.embedding_runtime)
     return (
         ModelEntry(source.name, kind="embedding", engine=EngineConfig(model=model), aliases=aliases, batching=batching),
     )

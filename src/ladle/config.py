@@ -15,6 +15,7 @@ BUDGET_PERIODS = ("day", "month")  # a tenant's token or cost budget renews ever
 QUANTIZATION_METHODS = ("none", "int8", "int4", "from-gguf", "w8a8")  # ladle.model.quant implements them
 TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")  # ladle.server.tool_parsers implements them
 MODEL_KINDS = ("llm", "embedding", "onnx")  # what a model entry serves: ladle.router.registry builds each
+RUNTIMES = ("torch", "onnxruntime")  # what runs an embedding model: Ladle's torch encoder, or it exported to ONNX
 
 
 def check_quantization(method: str) -> str:
@@ -32,11 +33,14 @@ class ModelConfig:
     max_model_len: int | None = None  # cap on prompt + output tokens (default: the model's context)
     attention_backend: str = "auto"  # "cpu" (C++ paged kernel), "sdpa", or auto
     quantization: str = "none"  # weight-only quantization of the decoder layers: QUANTIZATION_METHODS
+    runtime: str = "torch"  # RUNTIMES: embedding models may run exported to ONNX Runtime; LLMs run on torch
     # what a load measures (w8a8's calibration, packed linears' row plans) is kept here; None: never
     calibration_cache: str | None = "~/.cache/ladle/calibration"
 
     def __post_init__(self):
         check_quantization(self.quantization)
+        if self.runtime not in RUNTIMES:
+            raise LadleError(f"unknown runtime {self.runtime!r} (choose {', '.join(RUNTIMES)})")
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,11 @@ class ModelEntry:
         if self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise LadleError(
                 f"unknown tool call parser {self.tool_call_parser!r} (choose {', '.join(TOOL_CALL_PARSERS)})"
+            )
+        if self.engine.model.runtime != "torch" and self.kind != "embedding":
+            raise LadleError(
+                f"model {self.name!r}: runtime {self.engine.model.runtime!r} is for embedding models "
+                "(an ONNX file of your own is a kind onnx model)"
             )
         if self.degrade_to == self.name:
             raise LadleError(f"model {self.name!r} cannot degrade to itself")

@@ -289,3 +289,28 @@ def test_a_full_embedding_queue_is_429_and_queued_requests_time_out(tiny_models,
         assert held.metric("ladle_http_requests_total", status="500") == 0
     finally:
         held.stop()
+
+
+def test_the_onnxruntime_runtime_equals_sentence_transformers_too(tiny_models, reference):
+    """--embedding-runtime onnxruntime: the encoder exported to ONNX at load, run by ONNX Runtime,
+    gives the reference's vectors (batched across concurrent requests and in one request)."""
+    server = ServerProcess(
+        "--model", str(tiny_models["llama"].gguf_path), "--embedding-runtime", "onnxruntime",
+        "--embedding-max-queue-delay-ms", "20", "--admin-key", "admin-test",
+    )  # fmt: skip
+    try:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        sentences = varied_sentences()
+        expected = reference.encode(sentences, convert_to_numpy=True, batch_size=8)
+        together = client.embeddings.create(model=MODEL, input=sentences)
+        assert max(cosine_distance([d.embedding for d in together.data], expected)) < 1e-5
+        one = lambda s: client.embeddings.create(model=MODEL, input=s).data[0].embedding  # noqa: E731
+        with ThreadPoolExecutor(16) as pool:
+            alone = list(pool.map(one, sentences))
+        assert max(cosine_distance(alone, expected)) < 1e-5
+        status, _, body = server.request("GET", "/admin/models", headers=ADMIN)
+        assert status == 200
+        described = next(m for m in body["models"] if m["name"] == MODEL)
+        assert "ONNX Runtime" in json.dumps(described)
+    finally:
+        server.stop()

@@ -45,6 +45,7 @@ class EmbeddingBenchOptions:
     output_len: int = 64  # tokens per completion
     model: str | None = None  # the LLM (default: the embedded one)
     embedding_model: str | None = None  # default: the embedded MiniLM
+    runtime: str = "torch"  # what runs the embedding model: torch or onnxruntime (--embedding-runtime)
     port: int = 8293
     results_dir: str = "benchmarks/results"
 
@@ -185,6 +186,7 @@ def _server(opts: EmbeddingBenchOptions, max_batch_size: int, log: Path) -> Runn
     # the embedded LLM as `make serve` runs it in the tests: a 2048-token context, a small cache
     command += ["--model", opts.model] if opts.model else ["--max-model-len", "2048", "--kv-cache-memory", "0.5"]
     command += ["--embedding-model", opts.embedding_model] if opts.embedding_model else []
+    command += ["--embedding-runtime", opts.runtime]
     return RunningServer(System(f"bs{max_batch_size}", command, "/ready"), opts.port, log)
 
 
@@ -269,7 +271,7 @@ def _plot(path: Path, report: dict) -> bool:
     runs = [batched["embeddings_alone"], single["embeddings_alone"]]
     axes[0].bar(labels, [r["requests_per_s"] or 0 for r in runs], color=["tab:blue", "tab:gray"])
     axes[0].set_ylabel("embedding requests/s")
-    axes[0].set_title(f"{report['options']['clients']} clients, one sentence each")
+    axes[0].set_title(f"{report['options']['clients']} clients, one sentence each ({report['options']['runtime']})")
     width = 0.35
     for i, p in enumerate(("p50", "p99")):
         axes[1].bar([x + i * width for x in range(2)], [r["latency_ms"][p] or 0 for r in runs], width, label=p)

@@ -282,3 +282,46 @@ class SentenceEncoder:
         if self.normalize:
             vectors = F.normalize(vectors, p=2.0, dim=1)
         return vectors.cpu().numpy()  # the one transfer of the batch
+
+
+class SentenceModule(nn.Module):
+    """The whole sentence encoder as one graph (encoder, pooling, normalisation): what ONNX export
+    takes. ids, attention_mask [B, T] -> vectors float32 [B, H]."""
+
+    def __init__(self, model: BertModel, pooling_mode: str, normalize: bool):
+        super().__init__()
+        self.model, self.pooling_mode, self.normalize = model, pooling_mode, normalize
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        vectors = pool(self.model(ids, attention_mask), attention_mask, self.pooling_mode).float()
+        return F.normalize(vectors, p=2.0, dim=1) if self.normalize else vectors
+
+
+def export_onnx(model: BertModel, pooling_mode: str, normalize: bool, path: Path) -> None:
+    """The sentence encoder as an ONNX graph at `path` (inputs input_ids, attention_mask int64 [B, T];
+    output sentence_embedding float32 [B, H]; B and T dynamic), for ONNX Runtime. The padded twin
+    is exported: ONNX Runtime runs the graph as it is, with no Python between its layers."""
+    import warnings
+
+    padded = BertModel(model.config, packed=False)
+    padded.load_state_dict(model.state_dict())
+    module = SentenceModule(padded.float().eval(), pooling_mode, normalize)
+    ids = torch.tensor([[101, 2023, 102, 0]] * 2)
+    mask = (ids != 0).long()
+    axes = {"b": 0, "t": 1}
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            module,
+            (ids, mask),
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["sentence_embedding"],
+            dynamic_axes={
+                "input_ids": {v: k for k, v in axes.items()},
+                "attention_mask": {v: k for k, v in axes.items()},
+                "sentence_embedding": {0: "b"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )

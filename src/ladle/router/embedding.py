@@ -93,17 +93,33 @@ class EmbeddingEndpoint(BatchedEndpoint):
         if dtype is None:
             dtype = torch.float16 if model_cfg.dtype == "float16" else torch.float32
         model = load_bert(source.path, dtype, device)
-        encoder = SentenceEncoder(model, spec.pooling_mode, spec.normalize, tokenizer.pad_token_id)
+        weights = f"{describe_size(model)} parameters, {str(dtype).removeprefix('torch.')}"
+        if model_cfg.runtime == "onnxruntime":
+            encoder, memory = self._exported(model, spec, tokenizer.pad_token_id)
+            weights = f"{describe_size(model)} parameters, float32, ONNX Runtime"
+        else:
+            encoder = SentenceEncoder(model, spec.pooling_mode, spec.normalize, tokenizer.pad_token_id)
+            memory = param_bytes(model)
         pooling = spec.pooling_mode + (" + normalized" if spec.normalize else "")
-        info = EmbeddingInfo(
-            self.name,
-            f"{describe_size(model)} parameters, {str(dtype).removeprefix('torch.')}",
-            device,
-            spec.max_seq_length,
-            spec.dimensions,
-            pooling,
-        )
-        return _Loaded(spec, tokenizer, encoder, param_bytes(model), info)
+        info = EmbeddingInfo(self.name, weights, device, spec.max_seq_length, spec.dimensions, pooling)
+        return _Loaded(spec, tokenizer, encoder, memory, info)
+
+    def _exported(self, model, spec: SentenceSpec, pad_token_id: int):
+        """The encoder exported to ONNX (in a temporary folder: ONNX Runtime keeps the graph in
+        memory) and its session; (encoder, bytes it holds)."""
+        import tempfile
+        from pathlib import Path
+
+        import torch
+
+        from ladle.model.bert import export_onnx
+        from ladle.runner.onnx_session import OnnxSentenceEncoder
+
+        with tempfile.TemporaryDirectory(prefix="ladle-onnx-") as folder:
+            path = Path(folder) / "encoder.onnx"
+            export_onnx(model, spec.pooling_mode, spec.normalize, path)
+            encoder = OnnxSentenceEncoder(path, pad_token_id, spec.dimensions, torch.get_num_threads())
+            return encoder, path.stat().st_size
 
     def _warm_up(self) -> None:
         tok = self.loaded.tokenizer

@@ -196,3 +196,31 @@ def _check_spec(spec: TensorSpec, graph, max_batch_size: int, where: str) -> Non
     ok = len(dims) == len(spec.shape) and all(g == -1 or g == s for g, s in zip(dims, spec.shape, strict=True))
     if not ok:
         raise LadleError(f"{where}.shape: {list(spec.shape)} but the model's {graph.name!r} has {dims}")
+
+
+class OnnxSentenceEncoder:
+    """A sentence encoder exported to ONNX (ladle.model.bert.export_onnx) run by ONNX Runtime on the
+    CPU: the same embed(batch) as the torch SentenceEncoder, for the embedding endpoint's
+    `runtime: onnxruntime`. One session; it runs on the compute thread like the torch encoder."""
+
+    def __init__(self, path, pad_token_id: int, dimensions: int, num_threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # the LLM shares the cores
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.pad_token_id = pad_token_id
+        self.dimensions = dimensions
+
+    def embed(self, batch: list[list[int]]) -> np.ndarray:
+        """One vector per id list, padded to the longest of the batch: float32 [B, H]."""
+        longest = max(len(ids) for ids in batch)
+        ids = np.full((len(batch), longest), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(batch), longest), dtype=np.int64)
+        for row, item in enumerate(batch):
+            ids[row, : len(item)] = item
+            mask[row, : len(item)] = 1
+        return self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
