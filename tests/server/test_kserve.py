@@ -106,10 +106,36 @@ def test_repository_index_unload_and_load(client):
     assert not client.is_model_ready("iris8")
     index = {m["name"]: m for m in client.get_model_repository_index()}
     assert index["iris8"]["state"] == "UNAVAILABLE"
+    # unloaded on purpose, it stays unavailable (as Triton's explicit model control): no reload on demand
+    x = triton.InferInput("input", list(ROWS.shape), "FP32")
+    x.set_data_from_numpy(ROWS)
+    with pytest.raises(triton.InferenceServerException, match="unloaded through the model repository API"):
+        client.infer("iris8", [x])
     client.load_model("iris8")
     assert client.is_model_ready("iris8")
+    assert client.infer("iris8", [x]).as_numpy("label").shape == (3,)
     with pytest.raises(triton.InferenceServerException, match="does not exist"):
         client.load_model("nope")
+
+
+def test_a_folder_added_to_the_repository_after_the_start_loads_through_the_api(server, client, repo):
+    from ladle.bench.onnx_classifier import build_classifier_repository
+
+    build_classifier_repository(repo, "late")
+    index = {m["name"]: m for m in client.get_model_repository_index()}
+    assert index["late"]["state"] == "UNAVAILABLE" and index["late"]["reason"] == "not loaded"
+    assert not client.is_model_ready("late")
+    client.load_model("late")
+    assert client.is_model_ready("late")
+    x = triton.InferInput("input", list(ROWS.shape), "FP32")
+    x.set_data_from_numpy(ROWS)
+    got = client.infer("late", [x]).as_numpy("probabilities")
+    assert np.allclose(got, reference(repo, "late", ROWS)["probabilities"], atol=1e-6)
+    # a folder whose config is wrong: 400 naming the file
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "config.yaml").write_text("max_batch_size: many\n")
+    with pytest.raises(triton.InferenceServerException, match="config.yaml"):
+        client.load_model("broken")
 
 
 def test_tensor_models_in_v1_models_and_the_admin_api(server):

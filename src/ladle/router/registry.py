@@ -101,6 +101,7 @@ class Registry:
         self.upstreams = {u.name: Upstream(u) for u in config.upstreams}  # fallbacks, by name
         self._names: dict[str, str] = {}  # name or alias -> name
         self._loading: dict[str, asyncio.Task] = {}
+        self.held: set[str] = set()  # unloaded on purpose (the repository API): not loaded on demand
         self._lock = asyncio.Lock()  # one load or unload decision at a time
         self._idle_task: asyncio.Task | None = None
         for entry in config.models:
@@ -164,6 +165,13 @@ class Registry:
         if endpoint.phase == Phase.FAILED:
             raise ModelUnavailable(
                 endpoint.name, f"the model `{endpoint.name}` failed to load: {endpoint.failure}", "model_load_failed"
+            )
+        if endpoint.name in self.held and not endpoint.is_loaded:
+            raise ModelUnavailable(
+                endpoint.name,
+                f"the model `{endpoint.name}` was unloaded through the model repository API: load it again with "
+                f"POST /v2/repository/models/{endpoint.name}/load",
+                "model_unloaded",
             )
         if endpoint.phase in (Phase.UNLOADED, Phase.DRAINING):
             self.load_in_background(endpoint.name)
@@ -235,9 +243,21 @@ class Registry:
 
     # -- unloading ---------------------------------------------------------------------------------
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, hold: bool = False) -> None:
+        """Drain and unload a model; with hold, it stays unloaded until load() (as Triton's
+        explicit model control), else the next request loads it again."""
+        endpoint = self.resolve(name)
+        if hold:
+            self.held.add(endpoint.name)
         async with self._lock:
-            await self._unload(self.resolve(name))
+            await self._unload(endpoint)
+
+    async def load(self, name: str) -> None:
+        """Load a model (one held unloaded too) and wait until it is ready or failed."""
+        endpoint = self.resolve(name)
+        self.held.discard(endpoint.name)
+        if endpoint.phase != Phase.READY:
+            await self.load_in_background(endpoint.name)
 
     async def _unload(self, endpoint: Endpoint) -> None:
         await endpoint.drain(self.config.server.drain_timeout_s)

@@ -8,8 +8,9 @@ repository extensions (what the official `tritonclient.http` speaks):
     GET  /v2/models/{name}[/versions/{v}]/config
     POST /v2/models/{name}[/versions/{v}]/infer
     POST /v2/repository/index                  every model and its state
-    POST /v2/repository/models/{name}/load     start it (wait until ready or failed)
-    POST /v2/repository/models/{name}/unload   drain and unload it
+    POST /v2/repository/models/{name}/load     start it (wait until ready or failed); a folder added
+                                               to --model-repository since the start is read first
+    POST /v2/repository/models/{name}/unload   drain and unload it: unavailable until loaded again
 
 Errors are `{"error": "..."}` (APIError.response formats them for /v2 paths).
 """
@@ -17,6 +18,7 @@ Errors are `{"error": "..."}` (APIError.response formats them for /v2 paths).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -24,7 +26,9 @@ from starlette.responses import JSONResponse, Response
 from ladle import __version__
 from ladle.engine.batcher import BatchQueueTimeout, QueueFull
 from ladle.errors import LadleError
+from ladle.model.tensor_repository import scan_repository
 from ladle.router.endpoint import INFER, Phase
+from ladle.router.onnx import tensor_model_entry
 from ladle.router.registry import ModelNotFound
 from ladle.server.errors import APIError
 from ladle.server.kserve_tensors import HEADER_LENGTH, encode_infer_response, parse_infer_request
@@ -193,15 +197,21 @@ async def repository_index(request: Request) -> Response:
         if reason:
             entry["reason"] = reason
         models.append(entry)
+    if not only_ready:
+        new = _new_folders(state)
+        models += [{"name": n, "version": "", "state": "UNAVAILABLE", "reason": "not loaded"} for n in new]
     return JSONResponse(models)
 
 
 async def repository_load(request: Request) -> Response:
+    """Load a model: one the registry holds, or a folder added to --model-repository since the start."""
     state = _state(request)
-    endpoint = _endpoint(request)
     state.check_serving()
-    if endpoint.status().phase != Phase.READY:
-        await state.registry.load_in_background(endpoint.name)
+    name = request.path_params["name"]
+    if name not in state.registry:
+        await _declare_from_repository(state, name)
+    endpoint = _endpoint(request)
+    await state.registry.load(endpoint.name)
     status = endpoint.status()
     if status.phase != Phase.READY:
         raise APIError(400, f"failed to load {endpoint.name!r}: {status.failure or status.phase.value}")
@@ -209,11 +219,34 @@ async def repository_load(request: Request) -> Response:
 
 
 async def repository_unload(request: Request) -> Response:
+    """Unload a model; it stays unavailable (requests get 503) until it is loaded again."""
     state = _state(request)
     endpoint = _endpoint(request)
-    if endpoint.status().phase not in (Phase.UNLOADED, Phase.FAILED):
-        await state.registry.unload(endpoint.name)
+    await state.registry.unload(endpoint.name, hold=True)
     return JSONResponse({})
+
+
+def _new_folders(state: ServerState) -> list[str]:
+    """Model folders of --model-repository that the registry does not serve (added since the start)."""
+    repo = state.config.model_repository
+    if not repo:
+        return []
+    try:
+        return [p.name for p in scan_repository(repo) if p.name not in state.registry]
+    except LadleError:
+        return []  # the folder went away
+
+
+async def _declare_from_repository(state: ServerState, name: str) -> None:
+    """Add the repository folder `name` to the registry (404 where there is none, 400 where its
+    config is wrong, naming the file)."""
+    if name not in _new_folders(state):
+        return  # _endpoint answers 404
+    folder = Path(state.config.model_repository) / name
+    try:
+        await state.registry.add(tensor_model_entry(folder))
+    except LadleError as e:
+        raise APIError(400, f"failed to load {name!r}: {e}") from None
 
 
 def routes(route_cls) -> list:
