@@ -548,6 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir", default=k.cache_dir, metavar="DIR", help=f"where the trained model is kept ({k.cache_dir})"
     )
     bk.add_argument("--results-dir", default=k.results_dir, metavar="DIR")
+    bk.add_argument(
+        "--client",
+        default=k.client,
+        choices=["raw", "tritonclient"],
+        help="raw: prepared binary requests on kept-alive sockets (cheapest for the shared cores); "
+        "tritonclient: the official tritonclient.http.aio client",
+    )
     bk.set_defaults(func=_cmd_bench_kserve)
     from ladle.bench.burst import BurstOptions
 
@@ -645,7 +652,7 @@ def _cmd_bench_kserve(args: argparse.Namespace) -> int:
     opts = KServeBenchOptions(
         concurrency=args.concurrency, duration_s=args.duration, warmup_s=args.warmup, hidden=args.hidden,
         num_layers=args.num_layers, max_queue_delay_ms=args.max_queue_delay_ms, port=args.port,
-        cache_dir=args.cache_dir, results_dir=args.results_dir,
+        cache_dir=args.cache_dir, results_dir=args.results_dir, client=args.client,
     )  # fmt: skip
     return main(opts)
 

@@ -13,11 +13,12 @@ pytest.importorskip("skl2onnx")
 
 
 @pytest.mark.slow
-def test_a_short_run_of_both_modes(tmp_path):
+@pytest.mark.parametrize("client", ["raw", "tritonclient"])
+def test_a_short_run_of_both_modes(tmp_path, client):
     result = run_ladle(
         "bench", "kserve", "--concurrency", "4", "--duration", "1", "--warmup", "0.2", "--hidden", "16",
         "--num-layers", "1", "--port", str(free_port()), "--cache-dir", str(tmp_path / "cache"),
-        "--results-dir", str(tmp_path), timeout=300,
+        "--results-dir", str(tmp_path), "--client", client, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     (path,) = tmp_path.glob("kserve-*.json")
@@ -28,4 +29,5 @@ def test_a_short_run_of_both_modes(tmp_path):
         assert r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
         assert len(r["load_average_before"]) == 3
     assert report["modes"]["batch-1"]["mean_batch_size"] == 1.0
+    assert report["options"]["client"] == client
     assert report["throughput_ratio"] > 0 and (tmp_path / path.name.replace(".json", ".png")).exists()

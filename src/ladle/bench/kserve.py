@@ -39,6 +39,7 @@ class KServeBenchOptions:
     port: int = 8292
     cache_dir: str = "~/.cache/ladle/bench-kserve"  # the trained model is kept here between runs
     results_dir: str = "benchmarks/results"
+    client: str = "raw"  # raw: prepared binary requests on kept-alive sockets; tritonclient: the official aio client
 
 
 MODES = {"batched": 64, "batch-1": 1}  # mode -> max_batch_size
@@ -107,7 +108,41 @@ async def _exchange(reader, writer, request: bytes) -> int:
     return int(status_line.split()[1])
 
 
-async def _load(port: int, requests: list[bytes], opts: KServeBenchOptions) -> tuple[list[float], int]:
+async def _raw_client(port: int, requests: list[bytes], rows):
+    """A client on one kept-alive connection sending prepared requests; (call(i) -> status, close)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def close():
+        writer.close()
+
+    return (lambda i: _exchange(reader, writer, requests[i % len(requests)])), close
+
+
+async def _triton_client(port: int, requests: list[bytes], rows):
+    """The official tritonclient.http.aio client (binary tensors in and out, as it sends by default)."""
+    import numpy as np
+    from tritonclient.http.aio import InferenceServerClient, InferInput, InferRequestedOutput
+    from tritonclient.utils import InferenceServerException
+
+    client = InferenceServerClient(f"127.0.0.1:{port}", conn_limit=1)
+
+    async def call(i: int) -> int:
+        x = np.ascontiguousarray(rows[i % len(rows) : i % len(rows) + 1], dtype=np.float32)
+        tensor = InferInput("input", [1, x.shape[1]], "FP32")
+        tensor.set_data_from_numpy(x, binary_data=True)
+        try:
+            await client.infer("digits", [tensor], outputs=[InferRequestedOutput("probabilities", binary_data=True)])
+        except InferenceServerException:
+            return 500
+        return 200
+
+    return call, client.close
+
+
+CLIENTS = {"raw": _raw_client, "tritonclient": _triton_client}  # --client
+
+
+async def _load(port: int, requests: list[bytes], rows, opts: KServeBenchOptions) -> tuple[list[float], int]:
     """Latencies of the requests finished in the measured window, and the failures."""
     latencies: list[float] = []
     failures = [0]
@@ -115,12 +150,12 @@ async def _load(port: int, requests: list[bytes], opts: KServeBenchOptions) -> t
     measure_from, stop_at = start + opts.warmup_s, start + opts.warmup_s + opts.duration_s
 
     async def client(c: int):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        call, close = await CLIENTS[opts.client](port, requests, rows)
         i = c
         try:
             while time.perf_counter() < stop_at:
                 sent = time.perf_counter()
-                status = await _exchange(reader, writer, requests[i % len(requests)])
+                status = await call(i)
                 done = time.perf_counter()
                 i += opts.concurrency
                 if status != 200:
@@ -128,7 +163,7 @@ async def _load(port: int, requests: list[bytes], opts: KServeBenchOptions) -> t
                 elif measure_from <= sent and done <= stop_at:
                     latencies.append(done - sent)
         finally:
-            writer.close()
+            await close()
 
     await asyncio.gather(*(client(c) for c in range(opts.concurrency)))
     return latencies, failures[0]
@@ -154,7 +189,7 @@ def _batch_stats(port: int) -> tuple[float, float]:
     return found["ladle_batch_size_count"], found["ladle_batch_size_sum"]
 
 
-def run_mode(mode: str, repo: Path, requests: list[bytes], opts: KServeBenchOptions, log_dir: Path, stamp: str):
+def run_mode(mode: str, repo: Path, requests: list[bytes], rows, opts: KServeBenchOptions, log_dir: Path, stamp: str):
     command = [sys.executable, "-m", "ladle", "serve", "--model-repository", str(repo), "--port", str(opts.port),
                "--log-level", "warning"]  # fmt: skip
     server = RunningServer(System(mode, command, "/v2/health/ready"), opts.port, log_dir / f"kserve-{stamp}-{mode}.log")
@@ -163,7 +198,7 @@ def run_mode(mode: str, repo: Path, requests: list[bytes], opts: KServeBenchOpti
         print(f"[kserve] {mode}: {opts.concurrency} clients, {opts.duration_s:g} s", file=sys.stderr)
         load_before = os.getloadavg()
         count0, sum0 = _batch_stats(opts.port)
-        latencies, failures = asyncio.run(_load(opts.port, requests, opts))
+        latencies, failures = asyncio.run(_load(opts.port, requests, rows, opts))
         count1, sum1 = _batch_stats(opts.port)
     finally:
         server.stop()
@@ -195,7 +230,7 @@ def main(opts: KServeBenchOptions) -> int:
     report = {"command": "ladle bench kserve", "options": asdict(opts), "cpu_count": os.cpu_count(), "modes": {}}
     all_latencies = {}
     for mode, repo in repos.items():
-        report["modes"][mode], all_latencies[mode] = run_mode(mode, repo, requests, opts, results, stamp)
+        report["modes"][mode], all_latencies[mode] = run_mode(mode, repo, requests, rows, opts, results, stamp)
         print(mode, json.dumps(report["modes"][mode]))
     batched, single = report["modes"]["batched"], report["modes"]["batch-1"]
     report["throughput_ratio"] = round(batched["throughput_rps"] / max(single["throughput_rps"], 1e-9), 2)
