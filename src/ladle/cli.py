@@ -307,6 +307,14 @@ def _add_serve_args(srv: argparse.ArgumentParser) -> None:
         metavar="MS",
         help=f"how long a batch's first input waits for others ({b.max_queue_delay_ms:g} ms)",
     )
+    g = srv.add_argument_group("tenants and metering (docs/tenants.md)")
+    g.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="keep the tenants' quota counters in this Redis (redis://HOST:PORT/DB), shared by every replica "
+        "given the same URL, so N replicas enforce a limit once (default: in this process)",
+    )
     g = srv.add_argument_group("admission")
     g.add_argument("--ttft-target-ms", type=float, default=None, metavar="MS", help="P95 time-to-first-token target")
     g.add_argument("--tpot-target-ms", type=float, default=None, metavar="MS", help="P95 time-per-output-token target")
@@ -687,7 +695,7 @@ def _server_config(args: argparse.Namespace, base: ServerConfig, defaults: dict)
 
 
 def _config_from_flags(args: argparse.Namespace, defaults: dict):
-    from ladle.config import LadleConfig
+    from ladle.config import LadleConfig, MeteringConfig
     from ladle.model.source import resolve_model
 
     admission = AdmissionConfig(
@@ -695,7 +703,10 @@ def _config_from_flags(args: argparse.Namespace, defaults: dict):
     )
     server = _server_config(args, ServerConfig(), defaults)
     if args.model_repository and args.model is None:  # the repository's tensor models alone
-        cfg = LadleConfig(server=server, admission=admission, model_repository=args.model_repository)
+        cfg = LadleConfig(
+            server=server, admission=admission, metering=_metering_config(args, MeteringConfig()),
+            model_repository=args.model_repository,
+        )  # fmt: skip
         return _with_tensor_models(cfg, ".", f"--model-repository {args.model_repository}")
     source = resolve_model(args.model, args.served_model_name)  # a bad path fails here, before binding
     entry = ModelEntry(
@@ -706,8 +717,16 @@ def _config_from_flags(args: argparse.Namespace, defaults: dict):
         tool_call_parser=args.tool_call_parser,
     )
     models = (entry, *_embedding_entry(args, taken=set(entry.names)))
-    cfg = LadleConfig(models=models, server=server, admission=admission, model_repository=args.model_repository)
+    cfg = LadleConfig(
+        models=models, server=server, admission=admission, metering=_metering_config(args, MeteringConfig()),
+        model_repository=args.model_repository,
+    )  # fmt: skip
     return _with_tensor_models(cfg, ".", f"--model-repository {args.model_repository}")
+
+
+def _metering_config(args: argparse.Namespace, base):
+    """base, with the metering flags that were given."""
+    return dataclasses.replace(base, redis=args.redis) if args.redis is not None else base
 
 
 def _with_tensor_models(cfg, base_dir, source: str):
@@ -752,7 +771,7 @@ def _config_from_file(args: argparse.Namespace, defaults: dict):
         f"--{dest.replace('_', '-')}"
         for dest, value in vars(args).items()
         if dest in defaults and dest not in SERVER_FLAGS
-        and dest not in ("config", "no_warmup", "log_level", "no_admission", "model_repository")
+        and dest not in ("config", "no_warmup", "log_level", "no_admission", "model_repository", "redis")
         and value != defaults[dest]
     )  # fmt: skip
     if model_flags:
@@ -765,7 +784,10 @@ def _config_from_file(args: argparse.Namespace, defaults: dict):
     if not cfg.models:
         raise LadleError(f"{args.config}: the config declares no models (a `models:` list)")
     admission = dataclasses.replace(cfg.admission, enabled=False) if args.no_admission else cfg.admission
-    return dataclasses.replace(cfg, server=_server_config(args, cfg.server, defaults), admission=admission)
+    return dataclasses.replace(
+        cfg, server=_server_config(args, cfg.server, defaults), admission=admission,
+        metering=_metering_config(args, cfg.metering),
+    )  # fmt: skip
 
 
 def _cmd_bench_throughput(args: argparse.Namespace) -> int:

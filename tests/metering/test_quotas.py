@@ -6,33 +6,10 @@ import logging
 from datetime import datetime, timezone
 
 import pytest
-from redis_fixture import REDIS_URL, delete_prefix, redis_or_skip, unique_prefix
+from quota_helpers import REDIS_URL, Clock, delete_prefix, redis_or_skip, row, unique_prefix, utc
 
 from ladle.metering.quotas import Limiter, MemoryCounters, QuotaExceeded, RedisCounters, plan, window
 from ladle.metering.tenants import Quota, Tenant
-from ladle.metering.usage import UsageRecord
-
-
-def utc(*parts) -> float:
-    return datetime(*parts, tzinfo=timezone.utc).timestamp()
-
-
-class Clock:
-    def __init__(self, now_s: float):
-        self.now_s = now_s
-
-    def __call__(self) -> float:
-        return self.now_s
-
-
-def row(request_id: str, tenant: str, prompt: int, completion: int, cost: float = 0.0) -> UsageRecord:
-    return UsageRecord(
-        time_s=0.0, request_id=request_id, tenant=tenant, key_id=None, api="/v1/chat/completions",
-        model_requested="m", model="m", prompt_tokens=prompt, cached_tokens=0, completion_tokens=completion,
-        queue_s=None, ttft_s=None, duration_s=0.1, engine_s=0.0, finish_reason="stop", status=200,
-        outcome="served", cost=cost,
-    )  # fmt: skip
-
 
 # -- windows ----------------------------------------------------------------------------------------
 

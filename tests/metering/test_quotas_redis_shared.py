@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 
-from redis_fixture import REDIS_URL, delete_prefix, redis_or_skip, unique_prefix
+from quota_helpers import REDIS_URL, delete_prefix, redis_or_skip, unique_prefix
 
 from ladle.metering.quotas import Limiter, QuotaExceeded, RedisCounters
 from ladle.metering.tenants import Quota, Tenant

@@ -163,6 +163,8 @@ class Counters(Protocol):
     def add(self, changes: list[tuple[Check, float]], now_s: float) -> None:
         """Add each amount to its check's counter (a negative one gives back)."""
 
+    def ping(self) -> bool: ...
+
     def close(self) -> None: ...
 
 
@@ -199,6 +201,9 @@ class MemoryCounters:
             return
         self._next_sweep_s = now_s + 60
         self._values = {k: v for k, v in self._values.items() if v[1] > now_s}
+
+    def ping(self) -> bool:
+        return True
 
     def close(self) -> None:
         pass
@@ -253,6 +258,14 @@ class RedisCounters:
             pipe.incrbyfloat(c.key, amount)
             pipe.expire(c.key, c.ttl_s(now_s))
         pipe.execute()
+
+    def ping(self) -> bool:
+        import redis
+
+        try:
+            return bool(self.client.ping())
+        except (redis.RedisError, OSError):
+            return False
 
     def close(self) -> None:
         self.client.close()
@@ -322,6 +335,10 @@ class Limiter:
                 changes.append((c, row.cost))
         if changes:
             self._counted(lambda: self.counters.add(changes, now_s), now_s)
+
+    def is_reachable(self) -> bool:
+        """Whether the counters answer (checked at start; in-process ones always do)."""
+        return self.counters.ping()
 
     def close(self) -> None:
         self.counters.close()

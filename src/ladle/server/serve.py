@@ -19,7 +19,8 @@ import uvicorn
 
 from ladle.config import LadleConfig
 from ladle.engine.compute import ComputeLoop
-from ladle.metering.prometheus import ServerMetrics
+from ladle.metering.prometheus import ServerMetrics, TenantMetricsSink
+from ladle.metering.quotas import build_limiter
 from ladle.router.endpoint import Phase
 from ladle.router.registry import Registry
 from ladle.router.router import Router
@@ -76,6 +77,8 @@ def make_lifespan(state: ServerState, server_ref: list):
             task.cancel()
             await state.registry.close()
             state.registry.compute.stop()
+            for sink in state.sinks:
+                sink.close()
 
     return lifespan
 
@@ -136,7 +139,12 @@ def create_state(cfg: LadleConfig) -> ServerState:
         on_unloaded=lambda e: metrics.detach_engine(e.name),
         observe_batch=metrics.observe_batch,
     )
-    return ServerState(config=cfg, metrics=metrics, registry=registry, router=Router(cfg, registry))
+    limiter = build_limiter(cfg.metering.redis, cfg.metering.redis_prefix)
+    if not limiter.is_reachable():
+        log.warning("the quota counters (--redis) do not answer: requests are admitted uncounted until they do")
+    state = ServerState(config=cfg, metrics=metrics, registry=registry, router=Router(cfg, registry), limiter=limiter)
+    state.sinks += [limiter, TenantMetricsSink(metrics, state.tenant_labels)]
+    return state
 
 
 def run(cfg: LadleConfig, log_level: str = "info") -> int:

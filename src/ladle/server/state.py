@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass, field
 
 from ladle.config import LadleConfig
-from ladle.metering.prometheus import ServerMetrics
+from ladle.metering.prometheus import ServerMetrics, TenantLabels
+from ladle.metering.quotas import Limiter, QuotaExceeded
 from ladle.metering.tenants import Principal, TenantDirectory
 from ladle.metering.usage import UsageRecord, UsageSink
 from ladle.router.complexity import Features
@@ -38,6 +39,25 @@ class ServerState:
     exit_code: int = 0
     directory: TenantDirectory = field(default_factory=TenantDirectory)  # tenants and their keys
     sinks: list[UsageSink] = field(default_factory=list)  # each request's usage row goes to all of them
+    limiter: Limiter = field(default_factory=Limiter)  # quotas (in sinks too, to settle its reservations)
+
+    @property
+    def tenant_labels(self) -> TenantLabels:
+        """The per-tenant metrics' label of a tenant id: bounded to the configured tenants."""
+        return TenantLabels(lambda t: self.directory.get(t) is not None)
+
+    def reserve_quota(self, principal: Principal | None, request_id: str, tokens: int) -> None:
+        """Count the request (and `tokens`, its estimate) against its tenant's quota; over a limit
+        it is a 429 with Retry-After, its message naming the limit and when it resets."""
+        if principal is None:
+            return
+        try:
+            self.limiter.reserve(principal.tenant, request_id, tokens)
+        except QuotaExceeded as e:
+            self.metrics.observe_quota_rejection(self.tenant_labels(principal.tenant.id), e.limit_name)
+            raise APIError(
+                429, str(e), code="rate_limit_exceeded", headers={"Retry-After": str(e.retry_after_s)}
+            ) from None
 
     def record_usage(self, row: UsageRecord) -> None:
         for sink in self.sinks:
