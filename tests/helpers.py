@@ -42,13 +42,19 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`ladle serve` in a subprocess, as a user starts it."""
+    """`ladle serve` in a subprocess, as a user starts it. Unless the test gives --data-dir or
+    --database, its metering database is a fresh SQLite file under a temporary folder (never the
+    user's ~/.local/share/ladle, where a tenant made by one test would close every later server)."""
 
     def __init__(self, *args: str, ready_timeout_s: float = 180):
+        import tempfile
+
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = None if {"--data-dir", "--database"} & set(args) else tempfile.mkdtemp(prefix="ladle-data-")
+        metering = ("--data-dir", self.data_dir) if self.data_dir else ()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ladle", "serve", "--port", str(self.port), *args],
+            [sys.executable, "-m", "ladle", "serve", "--port", str(self.port), *metering, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
