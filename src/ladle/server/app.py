@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ladle.metering.tenants import Principal
-from ladle.server import admin, anthropic_api, embeddings_api, kserve_api, openai_api, tenants_api
+from ladle.server import admin, anthropic_api, embeddings_api, kserve_api, openai_api, tenants_api, usage_api
 from ladle.server.errors import APIError, BodyTooLarge, ClientDisconnected
 from ladle.server.state import ServerPhase, ServerState
 
@@ -61,6 +61,7 @@ ROUTES = [
     Route("/v1/messages/count_tokens", anthropic_api.count_tokens, methods=["POST"]),
     Route("/tokenize", openai_api.tokenize, methods=["POST"]),
     Route("/detokenize", openai_api.detokenize, methods=["POST"]),
+    Route("/v1/usage", usage_api.usage, methods=["GET"]),
     Route("/admin/models", admin.list_models, methods=["GET"]),
     Route("/admin/models", admin.add_model, methods=["POST"]),
     Route("/admin/models/{name:path}", admin.remove_model, methods=["DELETE"]),
