@@ -597,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--results-dir", default=d.results_dir, metavar="DIR")
     bb.set_defaults(func=_cmd_bench_burst)
     _add_bench_embeddings(bench)
+    from ladle.cli_admin import add_parsers
+
+    add_parsers(sub)
     return parser
 
 

@@ -6,22 +6,9 @@ from __future__ import annotations
 import pytest
 from starlette.testclient import TestClient
 
-from ladle.config import LadleConfig, MeteringConfig, ServerConfig
-from ladle.metering.prometheus import ServerMetrics
+from helpers import ADMIN, metered_state
 from ladle.metering.store import Store
 from ladle.server.app import build_app
-from ladle.server.serve import attach_metering
-from ladle.server.state import ServerState
-
-ADMIN = {"Authorization": "Bearer admin-secret"}
-
-
-def metered_state(data_dir, **server) -> ServerState:
-    """A ServerState with a store and a ledger and no models: enough for the metering APIs."""
-    cfg = LadleConfig(server=ServerConfig(admin_keys=("admin-secret",), **server),
-                      metering=MeteringConfig(data_dir=str(data_dir)))  # fmt: skip
-    state = ServerState(config=cfg, metrics=ServerMetrics(), registry=None, router=None)
-    return attach_metering(state, Store.open(cfg.metering))
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 from starlette.testclient import TestClient
-from test_tenants_api import ADMIN, metered_state
 
+from helpers import ADMIN, metered_state
 from ladle.metering.usage import UsageRecord
 from ladle.server.app import build_app
 
