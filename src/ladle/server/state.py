@@ -9,8 +9,10 @@ import time
 from dataclasses import dataclass, field
 
 from ladle.config import LadleConfig
+from ladle.metering.ledger import Ledger
 from ladle.metering.prometheus import ServerMetrics, TenantLabels
 from ladle.metering.quotas import Limiter, QuotaExceeded
+from ladle.metering.store import Store
 from ladle.metering.tenants import Principal, TenantDirectory
 from ladle.metering.usage import UsageRecord, UsageSink
 from ladle.router.complexity import Features
@@ -40,6 +42,8 @@ class ServerState:
     directory: TenantDirectory = field(default_factory=TenantDirectory)  # tenants and their keys
     sinks: list[UsageSink] = field(default_factory=list)  # each request's usage row goes to all of them
     limiter: Limiter = field(default_factory=Limiter)  # quotas (in sinks too, to settle its reservations)
+    store: Store | None = None  # where tenants, keys and usage persist (None: nowhere, as in unit tests)
+    ledger: Ledger | None = None  # the sink writing usage rows to the store (None: --no-ledger)
 
     @property
     def tenant_labels(self) -> TenantLabels:
@@ -62,6 +66,13 @@ class ServerState:
     def record_usage(self, row: UsageRecord) -> None:
         for sink in self.sinks:
             sink.record(row)
+
+    def close_sinks(self) -> None:
+        """At shutdown, after the drain: every sink writes what it holds, then the store closes."""
+        for sink in self.sinks:
+            sink.close()
+        if self.store is not None:
+            self.store.close()
 
     @staticmethod
     def principal(request) -> Principal:
