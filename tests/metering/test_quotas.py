@@ -6,10 +6,10 @@ import logging
 from datetime import datetime, timezone
 
 import pytest
-from quota_helpers import REDIS_URL, Clock, delete_prefix, redis_or_skip, row, unique_prefix, utc
 
 from ladle.metering.quotas import Limiter, MemoryCounters, QuotaExceeded, RedisCounters, plan, window
 from ladle.metering.tenants import Quota, Tenant
+from quota_helpers import REDIS_URL, Clock, delete_prefix, redis_or_skip, row, unique_prefix, utc
 
 # -- windows ----------------------------------------------------------------------------------------
 
@@ -222,3 +222,18 @@ def test_unreachable_redis_fails_open_and_logs(caplog):
             limiter.record(row(f"r{i}", "a", 1, 1))
     warnings = [r for r in caplog.records if "admitting requests uncounted" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_reservations_never_settled_are_forgotten(monkeypatch):
+    import ladle.metering.quotas as quotas
+
+    monkeypatch.setattr(quotas, "MAX_RESERVATIONS", 3)
+    clock = Clock(utc(2026, 12, 3, 13, 41, 0))
+    limiter = Limiter(MemoryCounters(), "t:", clock)
+    a = Tenant("a", quota=Quota(token_budget=10**6, budget_period="day"))
+    for i in range(5):
+        limiter.reserve(a, f"r{i}", 1)
+    assert list(limiter._reservations) == ["r2", "r3", "r4"]  # bounded by count
+    clock.now_s += quotas.RESERVATION_TTL_S
+    limiter.reserve(a, "late", 1)
+    assert list(limiter._reservations) == ["late"]  # and by age

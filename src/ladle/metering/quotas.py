@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 LIMITS = ("requests_per_minute", "tokens_per_minute", "token_budget", "cost_budget")
 KEY_SLACK_S = 60  # counters outlive their window by this much (clocks of replicas may differ a little)
 RESERVATION_TTL_S = 6 * 3600  # a reservation never settled (a lost row) is forgotten after this
+MAX_RESERVATIONS = 100_000  # ... or once this many wait (the oldest first): memory stays bounded
 FAIL_OPEN_LOG_INTERVAL_S = 10.0
 REDIS_RETRY_S = 1.0  # after a Redis failure, requests fail open without trying it for this long
 
@@ -348,7 +349,8 @@ class Limiter:
             self._reservations.setdefault(request_id, []).append(reservation)
             while self._reservations:  # forget the oldest ones never settled
                 oldest = next(iter(self._reservations.values()))[0]
-                if reservation.time_s - oldest.time_s < RESERVATION_TTL_S:
+                is_old = reservation.time_s - oldest.time_s >= RESERVATION_TTL_S
+                if not is_old and len(self._reservations) <= MAX_RESERVATIONS:
                     break
                 self._reservations.popitem(last=False)
 
