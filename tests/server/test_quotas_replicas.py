@@ -55,6 +55,7 @@ def test_two_servers_sharing_redis_enforce_one_limit(tiny_models, tmp_path):
         _wait_for_a_fresh_minute()
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(attempt, range(NUM_ATTEMPTS)))
+        counted = sum(srv.metric("ladle_quota_rejections_total", tenant=tenant) for srv in servers)
     finally:
         for server in (first, second):
             if server is not None:
@@ -68,6 +69,7 @@ def test_two_servers_sharing_redis_enforce_one_limit(tiny_models, tmp_path):
     limit = TOKENS_PER_MINUTE // 6
     assert limit <= len(admitted) <= limit * 1.05, len(admitted)
     assert set(admitted) == {0, 1}  # both servers admitted some: they shared one counter
+    assert counted == len(refused)  # /metrics counts each refusal by tenant and limit
     for h, r in refused:
         assert 1 <= int({k.lower(): v for k, v in h.items()}["retry-after"]) <= 60
         assert f"tenant `{tenant}` is over its tokens_per_minute limit of {TOKENS_PER_MINUTE}" in r["error"]["message"]
