@@ -220,7 +220,7 @@ for i, key in ipairs(KEYS) do
   local base = (i - 1) * 4
   local limit, amount = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
   local u = tonumber(redis.call('GET', key) or '0')
-  used[i] = tostring(u)
+  used[i] = string.format('%.17g', u)
   if ARGV[base + 3] == '1' then
     if u >= limit then fits = false end
   elseif u + amount > limit then
@@ -312,7 +312,8 @@ class Limiter:
         if used is _FAILED:
             return Reservation(tenant.id, tokens, (), now_s)
         if used is not None:
-            over = [(c, u) for c, u in zip(checks, used, strict=True) if not c.fits(u)]
+            counted = list(zip(checks, used, strict=True))
+            over = [(c, u) for c, u in counted if not c.fits(u)] or counted  # (or: a float's last digit)
             check, u = max(over, key=lambda cu: cu[0].window.end_s)
             raise QuotaExceeded(tenant.id, check, u, now_s)
         reservation = Reservation(tenant.id, tokens, tuple(checks), now_s)
