@@ -112,11 +112,21 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cursor.close()
 
 
+def shown(url: str) -> str:
+    """The URL as an error may print it: no password."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return url
+
+
 def create_engine(url: str) -> sa.Engine:
     try:
         engine = sa.create_engine(url)
     except (sa.exc.ArgumentError, ImportError) as e:
-        raise LadleError(f"--database {url}: not a database URL this server can open: {e}") from None
+        raise LadleError(
+            f"--database {shown(url)}: cannot open this URL ({e}): use sqlite:///FILE or postgresql://USER@HOST/DB"
+        ) from None
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     return engine
@@ -164,8 +174,9 @@ class Store:
             migrate(engine)
         except sa.exc.OperationalError as e:
             engine.dispose()
-            where = f"--database {cfg.database}" if cfg.database else f"--data-dir {cfg.data_dir}"
-            raise LadleError(f"{where}: cannot open the metering database: {e.orig or e}") from None
+            where = f"--database {shown(cfg.database)}" if cfg.database else f"--data-dir {cfg.data_dir}"
+            problem = " ".join(str(e.orig or e).split())  # one line
+            raise LadleError(f"{where}: cannot open the metering database: {problem}") from None
         return cls(engine)
 
     def close(self) -> None:
