@@ -133,29 +133,29 @@ def create_engine(url: str) -> sa.Engine:
 
 
 @contextlib.contextmanager
-def _migration_lock(conn: sa.Connection, url: sa.URL):
-    """One process migrates at a time (two servers starting on a fresh database)."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})"))
+def _sqlite_file_lock(url: sa.URL):
+    """One process migrates a SQLite file at a time (held until its transaction committed)."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         yield
-    elif conn.dialect.name == "sqlite" and url.database not in (None, "", ":memory:"):
-        import fcntl
+        return
+    import fcntl
 
-        with open(f"{url.database}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-    else:
+    with open(f"{url.database}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
 
 def migrate(engine: sa.Engine) -> None:
-    """Bring the schema to the newest migration (nothing to do where it is there already)."""
+    """Bring the schema to the newest migration (nothing to do where it is there already). Two
+    servers starting on a fresh database take turns: a lock held until the migration committed."""
     from alembic import command
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn, _migration_lock(conn, engine.url):
+    with _sqlite_file_lock(engine.url), engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # released at commit
+            conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})"))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 
