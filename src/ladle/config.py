@@ -11,6 +11,7 @@ INLINE = {"inline": True}  # a config file gives this field's own fields in the 
 
 POLICIES = ("fcfs", "priority", "vtc")  # ladle.engine.policy implements them
 PRIORITY_CLASSES = ("interactive", "batch")  # a tenant's class: interactive requests go first
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what redis-py's from_url reads
 BUDGET_PERIODS = ("day", "month")  # a tenant's token or cost budget renews every period (UTC)
 QUANTIZATION_METHODS = ("none", "int8", "int4", "from-gguf", "w8a8")  # ladle.model.quant implements them
 TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")  # ladle.server.tool_parsers implements them
@@ -330,6 +331,7 @@ class MeteringConfig:
     data_dir: str = "~/.local/share/ladle"  # where the default SQLite database lives
     database: str | None = None  # SQLAlchemy URL: sqlite:///FILE or postgresql://...; None: DATA_DIR/ladle.db
     redis: str | None = None  # redis://... : quota counters shared by replicas; None: in this process
+    redis_prefix: str = "ladle:quota:"  # the quota counters' keys start with it (deployments sharing one Redis)
     ledger: bool = True  # write one usage row per request
     flush_interval_s: float = 0.25  # the ledger writes its rows at least this often (kill -9 loses at most these)
     share_prefix_cache: bool = False  # tenants may reuse each other's prefix-cache blocks (else salted per tenant)
@@ -338,6 +340,8 @@ class MeteringConfig:
     def __post_init__(self):
         if not 0 < self.flush_interval_s <= 1.0:
             raise LadleError(f"flush_interval_s must be in (0, 1], got {self.flush_interval_s}")
+        if self.redis is not None and not self.redis.startswith(REDIS_SCHEMES):
+            raise LadleError(f"--redis must be a URL starting with {', '.join(REDIS_SCHEMES)}, got {self.redis!r}")
         models = [p.model for p in self.prices]
         if len(set(models)) != len(models):
             raise LadleError("prices: a model is priced twice")

@@ -9,6 +9,11 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ladle.metering.tenants import DEFAULT_TENANT
+from ladle.metering.usage import UsageRecord
+
+OTHER_TENANT = "other"  # the label of tenants not (or no longer) configured
+
 # Buckets wide enough for a 2-core CPU (seconds per token) and a GPU (milliseconds).
 TTFT_BUCKETS = (
     0.005,
@@ -233,6 +238,27 @@ class ServerMetrics:
             registry=r,
         )
 
+        tenant = ["tenant", "model_name"]  # tenant: TenantLabels bounds it to the configured tenants
+        self.tenant_requests = Counter(
+            "ladle_tenant_requests",
+            'Requests by tenant, the model that answered ("" where none did) and outcome (usage.OUTCOMES).',
+            tenant + ["outcome"],
+            registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "ladle_tenant_tokens",
+            "Tokens by tenant and model: kind prompt (all prompt tokens), cached (those of them served from the "
+            "prefix cache), completion.",
+            tenant + ["kind"],
+            registry=r,
+        )
+        self.quota_rejections = Counter(
+            "ladle_quota_rejections",
+            "Requests refused (429) by their tenant's quota, by the limit they were over.",
+            ["tenant", "limit"],
+            registry=r,
+        )
+
     def observe_batch(self, model_name: str, record) -> None:
         """One batch of a non-generative model (a ladle.engine.batcher.BatchRecord)."""
         self.batch_size.labels(model_name).observe(record.batch_size)
@@ -271,3 +297,44 @@ class ServerMetrics:
 
     def observe_outcome(self, model_name: str, outcome: str) -> None:
         self.outcomes.labels(model_name, outcome).inc()
+
+    def observe_tenant_usage(self, tenant: str, row: UsageRecord) -> None:
+        """One finished request's usage row; tenant is its bounded label (TenantLabels)."""
+        model = row.model or ""
+        self.tenant_requests.labels(tenant, model, row.outcome).inc()
+        for kind, num_tokens in (
+            ("prompt", row.prompt_tokens),
+            ("cached", row.cached_tokens),
+            ("completion", row.completion_tokens),
+        ):
+            if num_tokens:
+                self.tenant_tokens.labels(tenant, model, kind).inc(num_tokens)
+
+    def observe_quota_rejection(self, tenant: str, limit: str) -> None:
+        self.quota_rejections.labels(tenant, limit).inc()
+
+
+class TenantLabels:
+    """The tenant label of the per-tenant series: the tenant's id where it is configured (or the
+    default tenant), else "other", so that the series stay as many as the tenants. Keys never
+    appear in a label."""
+
+    def __init__(self, is_configured: Callable[[str], bool]):
+        self.is_configured = is_configured  # e.g. lambda t: directory.get(t) is not None
+
+    def __call__(self, tenant_id: str) -> str:
+        return tenant_id if tenant_id == DEFAULT_TENANT or self.is_configured(tenant_id) else OTHER_TENANT
+
+
+class TenantMetricsSink:
+    """A UsageSink counting each row in the per-tenant series."""
+
+    def __init__(self, metrics: ServerMetrics, labels: TenantLabels):
+        self.metrics = metrics
+        self.labels = labels
+
+    def record(self, row: UsageRecord) -> None:
+        self.metrics.observe_tenant_usage(self.labels(row.tenant), row)
+
+    def close(self) -> None:
+        pass

@@ -106,8 +106,9 @@ async def embeddings(request: Request) -> Response:
         batch = endpoint.prepare(body.inputs(), body.truncate_tokens())
     except InvalidRequestError as e:
         raise from_ladle_error(e) from None
-    vectors = await _run(request, state, endpoint, batch, body)
     num_tokens = sum(len(ids) for ids in batch)
+    state.reserve_quota(state.principal(request), request.state.request_id, num_tokens)
+    vectors = await _run(request, state, endpoint, batch, body)
     state.metrics.observe_usage(endpoint.name, num_tokens, 0, 0)
     state.metrics.observe_outcome(endpoint.name, "served")
     data = [

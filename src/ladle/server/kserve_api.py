@@ -154,6 +154,7 @@ async def infer(request: Request) -> Response:
     body = await request.body()
     parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), cfg)
     endpoint = await state.acquire(endpoint.name, INFER)  # waits for (or starts) its load; 503 if it cannot
+    state.reserve_quota(state.principal(request), request.state.request_id, 0)  # tensors: the request counts
     try:
         results = await endpoint.infer(parsed.inputs, parsed.num_rows)
     except LadleError as e:

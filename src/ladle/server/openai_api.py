@@ -322,6 +322,24 @@ async def _prepare(request: Request, body, features: Features):
     return state, pick
 
 
+def _reserve(request: Request, state: ServerState, endpoint, jobs: list[GenerateRequest]) -> None:
+    """Count the request against its tenant's quota before admission (429 over a limit), with
+    what it may use at most: each prompt, and n samples of max_tokens (or what the context leaves)."""
+    tokens = 0
+    for job in jobs:
+        num_prompt = len(job.prompt_token_ids)
+        left = max(0, endpoint.max_model_len - num_prompt)
+        max_tokens = job.params.max_tokens
+        tokens += num_prompt + job.params.n * (left if max_tokens is None else min(max_tokens, left))
+    state.reserve_quota(state.principal(request), request.state.request_id, tokens)
+
+
+def _reserve_upstream(request: Request, state: ServerState, text: str, max_tokens: int | None) -> None:
+    """The same for a request an upstream answers as it came (its prompt untokenized here: 4
+    characters a token, as the router estimates; the usage row settles it)."""
+    state.reserve_quota(state.principal(request), request.state.request_id, len(text) // 4 + (max_tokens or 0))
+
+
 def _admit(request: Request, state: ServerState, pick, jobs: list[GenerateRequest]) -> Route:
     route = state.admit(pick, sum(len(j.prompt_token_ids) for j in jobs))
     request.scope["state"]["model"] = route.name
@@ -380,9 +398,11 @@ async def completions(request: Request) -> Response:
         return prompts, _jobs(ep, prompts, params, body, timeout_s)
 
     if isinstance(endpoint, Upstream):  # the model is failing: its fallback answers
+        _reserve_upstream(request, state, text, body.max_tokens)
         return await _proxy(request, state, _admit(request, state, pick, []), "completions")
     await _ready(endpoint, params)
     prompts, jobs = prepared(endpoint)
+    _reserve(request, state, endpoint, jobs)
     route = _admit(request, state, pick, jobs)
     if isinstance(route.endpoint, Upstream):
         return await _proxy(request, state, route, "completions")
@@ -593,10 +613,12 @@ async def start_chat(request: Request, body: ChatCompletionRequest, proxy_path: 
         return _proxy(request, state, route, proxy_path)
 
     if isinstance(endpoint, Upstream):
+        _reserve_upstream(request, state, text, body.output_limit)
         return await upstream(_admit(request, state, pick, []))
     plan, ep_params = planned(endpoint)
     await _ready(endpoint, ep_params)
     jobs = prepared(endpoint, plan, ep_params)
+    _reserve(request, state, endpoint, jobs)
     route = _admit(request, state, pick, jobs)
     if isinstance(route.endpoint, Upstream):
         return await upstream(route)
