@@ -1,10 +1,12 @@
 """Live series for the dashboard: per model, a ring of 5-second buckets over the last minutes.
 
 Each bucket counts the output and prompt tokens of requests that finished in it, the HTTP
-requests and the errors (status >= 400) that reached the model, and keeps a bounded sample of
-TTFTs and end-to-end latencies (at most `max_samples` each, reservoir-sampled past that) for
-their P50 and P95. Tokens land in the bucket where their request finished. A leaf module: it
-knows no server, router or engine; ServerMetrics feeds it, GET /admin/stats reads it.
+requests and the errors (status >= 400) that reached the model, keeps a bounded sample of TTFTs
+and end-to-end latencies (at most MAX_SAMPLES each, reservoir-sampled past that) for their P50
+and P95, and the peaks of the gauges sampled in it (requests running and waiting, KV-cache
+usage). Tokens land in the bucket where their request finished. A leaf module: it knows no
+server, router or engine; ServerMetrics feeds it, the server's gauge sampler too, GET
+/admin/stats reads it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ class Bucket:
     num_errors: int = 0  # ... with status >= 400
     ttft_s: Reservoir = field(default_factory=lambda: Reservoir(MAX_SAMPLES))
     latency_s: Reservoir = field(default_factory=lambda: Reservoir(MAX_SAMPLES))
+    running_max: int | None = None  # peaks of the gauges sampled in the bucket (None: none sampled)
+    waiting_max: int | None = None
+    kv_usage_max: float | None = None
+
+
+def _peak(old, new):
+    return new if old is None or (new is not None and new > old) else old
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,9 @@ class BucketView:
     ttft_p95_s: float | None
     latency_p50_s: float | None
     latency_p95_s: float | None
+    running_max: int | None  # the most requests running, waiting, and the highest KV-cache share
+    waiting_max: int | None  # (0..1) the gauges showed when sampled in the bucket
+    kv_usage_max: float | None
 
 
 @dataclass(frozen=True)
@@ -148,6 +160,14 @@ class LiveSeries:
             b.num_requests += 1
             b.num_errors += status >= 400
 
+    def observe_gauges(self, model: str, running: int | None, waiting: int | None, kv_usage: float | None) -> None:
+        """One sample of a model's gauges (None: it has no such gauge); a bucket keeps the peaks."""
+        with self._lock:
+            b = self._bucket(model)
+            b.running_max = _peak(b.running_max, running)
+            b.waiting_max = _peak(b.waiting_max, waiting)
+            b.kv_usage_max = _peak(b.kv_usage_max, kv_usage)
+
     def forget(self, model: str) -> None:
         with self._lock:
             self._models.pop(model, None)
@@ -181,7 +201,7 @@ class LiveSeries:
     def _view(self, index: int, b: Bucket | None, span_s: float) -> BucketView:
         t = index * self.bucket_s
         if b is None:
-            return BucketView(t, 0.0, 0.0, 0, 0, None, None, None, None)
+            return BucketView(t, 0.0, 0.0, 0, 0, None, None, None, None, None, None, None)
         ttft, latency = sorted(b.ttft_s.values), sorted(b.latency_s.values)
         return BucketView(
             t,
@@ -193,6 +213,9 @@ class LiveSeries:
             percentile(ttft, 95),
             percentile(latency, 50),
             percentile(latency, 95),
+            b.running_max,
+            b.waiting_max,
+            b.kv_usage_max,
         )
 
     def window(self, model: str, window_s: float) -> WindowView:

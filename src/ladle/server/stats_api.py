@@ -4,11 +4,15 @@ for scripts (behind the admin key, as the whole admin API).
     GET /admin/stats?window_s=600
 
 Per model: its state and load now (the numbers GET /admin/models and the engine's Prometheus
-gauges give), the window summed, and one entry per 5-second bucket (metering/live.py).
+gauges give), the window summed, and one entry per 5-second bucket (metering/live.py), with the
+peaks of those gauges as sample_gauges saw them each second. A server younger than the window
+shows the buckets since its start.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import asdict
 
 from starlette.requests import Request
@@ -17,7 +21,9 @@ from starlette.responses import JSONResponse, Response
 from ladle.server.errors import APIError
 from ladle.server.state import ServerState
 
+log = logging.getLogger(__name__)
 DEFAULT_WINDOW_S = 600.0
+GAUGE_INTERVAL_S = 1.0  # how often sample_gauges reads each model's gauges
 
 
 def _window_s(request: Request, max_s: float) -> float:
@@ -62,6 +68,21 @@ def current(endpoint, metrics) -> dict:
     return out
 
 
+async def sample_gauges(state: ServerState, interval_s: float = GAUGE_INTERVAL_S) -> None:
+    """Until cancelled: each model's running, waiting and KV usage into the live series, so the
+    dashboard's queue and KV charts cover the window whether or not a page was open."""
+    live = state.metrics.live
+    while True:
+        try:
+            for endpoint in list(state.registry.endpoints.values()):
+                if endpoint.is_loaded:
+                    now = current(endpoint, state.metrics)
+                    live.observe_gauges(endpoint.name, now["running"], now["waiting"], now["kv_usage"])
+        except Exception:  # a bug here must not stop the server
+            log.exception("sampling the models' gauges failed")
+        await asyncio.sleep(interval_s)
+
+
 def _rounded(view) -> dict:
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(view).items()}
 
@@ -70,6 +91,7 @@ async def stats(request: Request) -> Response:
     state: ServerState = request.app.state.ladle
     live = state.metrics.live
     window_s = _window_s(request, live.window_s)
+    shown_s = max(min(window_s, live.clock() - state.started_s), live.bucket_s)  # nothing before the start
     models = []
     for endpoint in list(state.registry.endpoints.values()):
         models.append(
@@ -77,11 +99,12 @@ async def stats(request: Request) -> Response:
                 "name": endpoint.name,
                 "kind": endpoint.kind,
                 **current(endpoint, state.metrics),
-                "window": _rounded(live.window(endpoint.name, window_s)),
-                "buckets": [_rounded(b) for b in live.buckets(endpoint.name, window_s)],
+                "window": _rounded(live.window(endpoint.name, shown_s)),
+                "buckets": [_rounded(b) for b in live.buckets(endpoint.name, shown_s)],
             }
         )
     return JSONResponse(
         {"object": "stats", "now": round(live.clock(), 3), "window_s": window_s, "bucket_s": live.bucket_s,
+         "started": round(state.started_s, 3),
          "models": models}
     )  # fmt: skip

@@ -15,7 +15,6 @@
     stats: null, // the last GET /admin/stats
     usage: null, // the last GET /v1/usage
     usageState: "", // "data", "empty" or "unavailable"
-    gauges: [], // queue and KV usage as this page polled them: [{t, models: {name: {running, waiting, kv_usage}}}]
     refreshes: 0,
     errors: 0,
   });
@@ -114,8 +113,9 @@
         width: Math.max(box.clientWidth - 8, 300),
         height: HEIGHT,
         series: [{}, ...series.map((s) => ({ width: 1.5, spanGaps: false, ...s }))],
-        scales: { x: { time: true } },
-        axes: [{}, { size: 64, values: extra.yValues }],
+        scales: { x: { time: true }, ...(extra.yRange ? { y: { range: extra.yRange } } : {}) },
+        axes: [{}, { size: 64, ...(extra.yValues ? { values: extra.yValues } : {}) }],
+        legend: { live: false },
         ...extra.opts,
       };
       u = new uPlot(opts, data, box);
@@ -159,65 +159,50 @@
     }
   }
 
-  function recordGauges(stats) {
-    const models = {};
-    for (const m of stats.models) models[m.name] = { running: m.running, waiting: m.waiting, kv_usage: m.kv_usage };
-    dash.gauges.push({ t: stats.now, models });
-    const oldest = stats.now - stats.window_s;
-    while (dash.gauges.length && dash.gauges[0].t < oldest) dash.gauges.shift();
-  }
-
-  // one series per model and field of the buckets
-  function bucketChart(stats, id, title, fields, yValues) {
+  // one series per model and field of the buckets; a field marked llm only for generating models
+  function bucketChart(stats, id, title, fields, yValues, yRange) {
     const series = [];
     const data = [stats.models.length ? stats.models[0].buckets.map((b) => b.t) : []];
     stats.models.forEach((m, i) => {
-      for (const [field, suffix, dash_] of fields) {
-        series.push({ label: m.name + suffix, stroke: color(i), ...(dash_ ? { dash: dash_ } : {}) });
+      for (const [field, suffix, dashed, llmOnly] of fields) {
+        if (llmOnly && m.kind !== "llm") continue;
+        series.push({ label: m.name + suffix, stroke: color(i), ...(dashed ? { dash: [6, 4] } : {}) });
         data.push(m.buckets.map((b) => b[field]));
       }
     });
-    chart("live-charts", id, title, series, data, { yValues });
-  }
-
-  function gaugeChart(stats, id, title, fields, yValues) {
-    const series = [];
-    const data = [dash.gauges.map((g) => g.t)];
-    stats.models.forEach((m, i) => {
-      for (const [field, suffix, dash_] of fields) {
-        series.push({ label: m.name + suffix, stroke: color(i), ...(dash_ ? { dash: dash_ } : {}) });
-        data.push(dash.gauges.map((g) => (g.models[m.name] ? g.models[m.name][field] : null)));
-      }
-    });
-    chart("live-charts", id, title, series, data, { yValues });
+    chart("live-charts", id, title, series, data, { yValues, yRange });
   }
 
   const secondsAxis = (u, ticks) => ticks.map((v) => secs(v));
   const percentAxis = (u, ticks) => ticks.map((v) => num(v * 100, 0) + "%");
 
+  const fromZero = (u, min, max) => [0, Math.max(max * 1.1, 1)];
+  const fromZeroS = (u, min, max) => [0, Math.max(max * 1.1, 0.01)];
+  const unit = () => [0, 1];
+
   function renderLive(stats) {
-    const DASHED = [6, 4];
     bucketChart(stats, "live.tokens", "Tokens/s (output; prompt dashed)", [
-      ["tokens_per_s", " output", null],
-      ["prompt_tokens_per_s", " prompt", DASHED],
-    ]);
+      ["tokens_per_s", " output", false, true],
+      ["prompt_tokens_per_s", " prompt", true],
+    ], null, fromZero);
     bucketChart(stats, "live.requests", "Requests per 5 s (errors dashed)", [
-      ["requests", " requests", null],
-      ["errors", " errors", DASHED],
-    ]);
+      ["requests", " requests"],
+      ["errors", " errors", true],
+    ], null, fromZero);
     bucketChart(stats, "live.ttft", "Time to first token, P50 (P95 dashed)", [
-      ["ttft_p50_s", " P50", null],
-      ["ttft_p95_s", " P95", DASHED],
-    ], secondsAxis);
+      ["ttft_p50_s", " P50", false, true],
+      ["ttft_p95_s", " P95", true, true],
+    ], secondsAxis, fromZeroS);
     bucketChart(stats, "live.latency", "Request latency, P50 (P95 dashed)", [
-      ["latency_p50_s", " P50", null],
-      ["latency_p95_s", " P95", DASHED],
-    ], secondsAxis);
-    gaugeChart(stats, "live.queue", "Queue: running (waiting dashed), since this page opened", [
-      ["running", " running", null],
-      ["waiting", " waiting", DASHED],
-    ]);
-    gaugeChart(stats, "live.kv", "KV-cache usage, since this page opened", [["kv_usage", " KV", null]], percentAxis);
+      ["latency_p50_s", " P50", false, true],
+      ["latency_p95_s", " P95", true, true],
+    ], secondsAxis, fromZeroS);
+    bucketChart(stats, "live.queue", "Queue: most running (waiting dashed) per 5 s", [
+      ["running_max", " running", false, true],
+      ["waiting_max", " waiting", true],
+    ], null, fromZero);
+    bucketChart(stats, "live.kv", "KV-cache usage, highest per 5 s", [["kv_usage_max", " KV", false, true]],
+      percentAxis, unit);
   }
 
   async function refresh() {
@@ -236,7 +221,6 @@
       $("main").hidden = false; // before drawing: the charts take their width from it
       $("status").textContent = "updated " + new Date().toLocaleTimeString();
       renderModels(models, stats);
-      recordGauges(stats);
       renderLive(stats);
       dash.refreshes += 1;
       if (usageTimer === null) refreshUsage();
