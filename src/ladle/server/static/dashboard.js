@@ -176,8 +176,8 @@
   const secondsAxis = (u, ticks) => ticks.map((v) => secs(v));
   const percentAxis = (u, ticks) => ticks.map((v) => num(v * 100, 0) + "%");
 
-  const fromZero = (u, min, max) => [0, Math.max(max * 1.1, 1)];
-  const fromZeroS = (u, min, max) => [0, Math.max(max * 1.1, 0.01)];
+  const fromZero = (u, min, max) => [0, max > 0 ? max * 1.1 : 1]; // y from 0, some room above
+  const fromZeroS = (u, min, max) => [0, max > 0 ? max * 1.1 : 0.01];
   const unit = () => [0, 1];
 
   function renderLive(stats) {
@@ -314,7 +314,7 @@
     chart("usage-charts", id, title, [{ label: title.split(" ")[0], stroke: color(0), fill: color(0) + "88",
       paths: uPlot.paths.bars({ size: [0.6, 80] }), points: { show: false } }], [xs, values], {
       opts: {
-        scales: { x: { time: false, range: [-0.5, names.length - 0.5] } },
+        scales: { x: { time: false, range: [-0.5, names.length - 0.5] }, y: { range: fromZero } },
         axes: [
           { splits: () => xs, values: (u, ticks) => ticks.map((i) => names[i] ?? "") },
           { size: 64 },
