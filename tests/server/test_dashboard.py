@@ -204,11 +204,15 @@ def test_the_dashboard_draws_usage_by_tenant_from_v1_usage(chromium, server):
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            asked = []
+            page_errors, asked = [], []
+            page.on("pageerror", lambda e: page_errors.append(str(e)))
+            one_row = {**USAGE, "data": USAGE["data"][:1]}
+            answers = {86400: USAGE, 3600: one_row, 604800: {**USAGE, "data": []}}  # by the range asked
 
             def usage(route):
                 asked.append(route.request.url)
-                route.fulfill(status=200, content_type="application/json", body=json.dumps(USAGE))
+                body = answers[round(_range_s(route.request.url))]
+                route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
 
             page.route("**/v1/usage?*", usage)
             page.goto(server.url + "/dashboard")
@@ -228,10 +232,14 @@ def test_the_dashboard_draws_usage_by_tenant_from_v1_usage(chromium, server):
             assert charts["usage.tokens_time"][1:] == [[150, 300, 0], [0, 750, 150]]
             assert page.locator("#usage-charts canvas").count() == 3
             assert "group_by=tenant" in asked[0] and "granularity=hour" in asked[0]
-            page.select_option("#range", "604800")  # another range asks again, for the last 7 days
-            deadline = time.monotonic() + 30
-            while len(asked) < 2 and time.monotonic() < deadline:
-                page.wait_for_timeout(100)
-            assert _range_s(asked[-1]) == pytest.approx(7 * 86400, abs=5)
+
+            page.select_option("#range", "3600")  # the last hour: one tenant, one bucket
+            page.wait_for_function("() => document.querySelectorAll('#tenants tbody tr').length === 1")
+            assert page.evaluate("window.ladleDashboard.charts['usage.tokens'].data") == [[0], [150]]
+            page.select_option("#range", "604800")  # the last 7 days: nothing
+            page.wait_for_function("() => window.ladleDashboard.usageState === 'empty'")
+            assert page.inner_text("#usage-note") == "No usage data in this range." and page.is_hidden("#usage-body")
+            assert {round(_range_s(url)) for url in asked} == {3600, 86400, 604800}
+            assert not page_errors, page_errors
         finally:
             browser.close()
