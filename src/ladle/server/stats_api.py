@@ -72,14 +72,17 @@ async def sample_gauges(state: ServerState, interval_s: float = GAUGE_INTERVAL_S
     """Until cancelled: each model's running, waiting and KV usage into the live series, so the
     dashboard's queue and KV charts cover the window whether or not a page was open."""
     live = state.metrics.live
+    failing: set[str] = set()  # models whose sampling failed (logged once each)
     while True:
-        try:
-            for endpoint in list(state.registry.endpoints.values()):
+        for endpoint in list(state.registry.endpoints.values()):
+            try:
                 if endpoint.is_loaded:
                     now = current(endpoint, state.metrics)
                     live.observe_gauges(endpoint.name, now["running"], now["waiting"], now["kv_usage"])
-        except Exception:  # a bug here must not stop the server
-            log.exception("sampling the models' gauges failed")
+            except Exception:  # a bug here must not stop the server, nor fill its log
+                if endpoint.name not in failing:
+                    failing.add(endpoint.name)
+                    log.exception("sampling the gauges of model %s failed", endpoint.name)
         await asyncio.sleep(interval_s)
 
 
@@ -103,8 +106,12 @@ async def stats(request: Request) -> Response:
                 "buckets": [_rounded(b) for b in live.buckets(endpoint.name, shown_s)],
             }
         )
-    return JSONResponse(
-        {"object": "stats", "now": round(live.clock(), 3), "window_s": window_s, "bucket_s": live.bucket_s,
-         "started": round(state.started_s, 3),
-         "models": models}
-    )  # fmt: skip
+    body = {
+        "object": "stats",
+        "now": round(live.clock(), 3),
+        "started": round(state.started_s, 3),
+        "window_s": window_s,
+        "bucket_s": live.bucket_s,
+        "models": models,
+    }
+    return JSONResponse(body)
