@@ -5,10 +5,9 @@ from __future__ import annotations
 import multiprocessing
 import time
 
-from quota_helpers import REDIS_URL, delete_prefix, redis_or_skip, unique_prefix
-
 from ladle.metering.quotas import Limiter, QuotaExceeded, RedisCounters
 from ladle.metering.tenants import Quota, Tenant
+from quota_helpers import REDIS_URL, delete_prefix, redis_or_skip, unique_prefix
 
 NUM_PROCESSES = 2
 ATTEMPTS_PER_PROCESS = 400

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 from prometheus_client import generate_latest
-from quota_helpers import row
 
 from ladle.metering.prometheus import ServerMetrics, TenantLabels, TenantMetricsSink
 from ladle.metering.quotas import Limiter
 from ladle.metering.tenants import Principal, Quota, Tenant, TenantDirectory
 from ladle.server.errors import APIError
 from ladle.server.state import ServerState
+from quota_helpers import row
 
 
 def sample(metrics: ServerMetrics, name: str, **labels) -> float:

@@ -1,6 +1,7 @@
 """Prometheus export: per-request latency histograms and token counters, and each engine's own
 counters and gauges read at scrape time, every series labelled by the model it measured. One
-registry per server, so two servers (or tests) in one process never share metrics."""
+registry per server, so two servers (or tests) in one process never share metrics. The same
+observations feed the dashboard's live series (metering/live.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ladle.metering.live import LiveSeries
 from ladle.metering.tenants import DEFAULT_TENANT
 from ladle.metering.usage import UsageRecord
 
@@ -155,8 +157,9 @@ class EngineCollector:
 
 
 class ServerMetrics:
-    def __init__(self):
+    def __init__(self, live: LiveSeries | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
+        self.live = live or LiveSeries()  # the last minutes, per model, for GET /admin/stats
         self._engines = EngineCollector()
         self.registry.register(self._engines)
         labels = ["model_name"]
@@ -274,26 +277,37 @@ class ServerMetrics:
     def detach_engine(self, model_name: str) -> None:
         self._engines.engines.pop(model_name, None)
 
+    def engine_stats(self, model_name: str):
+        """The EngineStats the collector would export for this model now (None where not attached)."""
+        stats, _ = self._engines.engines.get(model_name, (None, 0))
+        return stats() if stats is not None else None
+
     def observe_sample(self, m: str, metrics, num_output_tokens: int, finish_reason: str) -> None:
         """One finished sample of model m (RequestMetrics from the engine's final delta)."""
         if metrics is not None:
+            ttft_s = None
             if metrics.first_scheduled_s is not None:
                 self.queue.labels(m).observe(metrics.first_scheduled_s - metrics.arrival_s)
             if metrics.first_token_s is not None:
-                self.ttft.labels(m).observe(metrics.first_token_s - metrics.arrival_s)
+                ttft_s = metrics.first_token_s - metrics.arrival_s
+                self.ttft.labels(m).observe(ttft_s)
                 if num_output_tokens > 1:
                     self.tpot.labels(m).observe((metrics.finished_s - metrics.first_token_s) / (num_output_tokens - 1))
             self.e2e.labels(m).observe(metrics.finished_s - metrics.arrival_s)
+            self.live.observe_latency(m, ttft_s, metrics.finished_s - metrics.arrival_s)
         self.finished.labels(m, finish_reason).inc()
 
     def observe_usage(self, m: str, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens.labels(m).inc(prompt_tokens)
         self.cached_tokens.labels(m).inc(cached_tokens)
         self.generation_tokens.labels(m).inc(completion_tokens)
+        self.live.observe_tokens(m, prompt_tokens, completion_tokens)
 
     def observe_http(self, model_name: str, route: str, status: int) -> None:
         """One HTTP response; model_name is the model the request reached ("" where none)."""
         self.http.labels(model_name, route, str(status)).inc()
+        if model_name:
+            self.live.observe_request(model_name, status)
 
     def observe_outcome(self, model_name: str, outcome: str) -> None:
         self.outcomes.labels(model_name, outcome).inc()

@@ -17,7 +17,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ladle.metering.tenants import Principal
-from ladle.server import admin, anthropic_api, embeddings_api, kserve_api, openai_api, tenants_api, usage_api
+from ladle.server import (
+    admin,
+    anthropic_api,
+    dashboard,
+    embeddings_api,
+    kserve_api,
+    openai_api,
+    stats_api,
+    tenants_api,
+    usage_api,
+)
 from ladle.server.errors import APIError, BodyTooLarge, ClientDisconnected
 from ladle.server.state import ServerPhase, ServerState
 
@@ -25,7 +35,9 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = b"x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-PUBLIC_PATHS = {"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"}  # no API key needed
+# no API key needed (the dashboard's page and scripts are static: the data it reads needs the admin key)
+PUBLIC_PATHS = {"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready", "/dashboard"}
+PUBLIC_PREFIXES = ("/dashboard/",)
 
 
 async def health(request: Request) -> Response:
@@ -66,6 +78,9 @@ ROUTES = [
     Route("/admin/models", admin.add_model, methods=["POST"]),
     Route("/admin/models/{name:path}", admin.remove_model, methods=["DELETE"]),
     *tenants_api.routes(Route),
+    Route("/admin/stats", stats_api.stats, methods=["GET"]),
+    Route("/dashboard", dashboard.page, methods=["GET"]),
+    Route("/dashboard/{name}", dashboard.asset, methods=["GET"]),
     *kserve_api.routes(Route),
 ]
 ROUTE_PATHS = {r.path for r in ROUTES}
@@ -81,6 +96,8 @@ def _route_label(path: str) -> str:
     if path.startswith(ADMIN_PREFIX):  # a tenant's id or a model's name is no label value
         found = next((r.path for r in _ADMIN_TEMPLATES if r.path_regex.match(path)), None)
         return (found or "/admin/models/{name}").replace("{name:path}", "{name}")
+    if path.startswith(PUBLIC_PREFIXES):
+        return "/dashboard/{name}"
     if path.startswith("/v2/repository/models/"):
         return "/v2/repository/models/{name}/" + path.rsplit("/", 1)[-1]
     if path.startswith("/v2/models/"):
@@ -112,6 +129,10 @@ async def _disconnected(request: Request, exc: Exception) -> Response:
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response(request.url.path)
+
+
+def _is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
 
 def _matches(token: str, keys) -> bool:
@@ -182,7 +203,7 @@ class LadleMiddleware:
                 scope["state"]["principal"] = Principal(self.state.directory.default, None, is_admin=True)
             return refusal
         principal = self._principal(cfg, token, path)
-        if principal is None and path not in PUBLIC_PATHS:
+        if principal is None and not _is_public(path):
             what = "no API key was given" if not token else "the API key is not valid"
             return APIError(
                 401,

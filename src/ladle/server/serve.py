@@ -28,6 +28,7 @@ from ladle.router.registry import Registry
 from ladle.router.router import Router
 from ladle.server.app import build_app
 from ladle.server.state import ServerPhase, ServerState
+from ladle.server.stats_api import sample_gauges
 
 log = logging.getLogger("ladle.server")
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -73,10 +74,12 @@ def make_lifespan(state: ServerState, server_ref: list):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         task = asyncio.create_task(_start_models(state, server_ref))
+        sampler = asyncio.create_task(sample_gauges(state))  # the dashboard's queue and KV series
         try:
             yield
         finally:
             task.cancel()
+            sampler.cancel()
             await state.registry.close()
             state.registry.compute.stop()
             state.close_sinks()
