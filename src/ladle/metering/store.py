@@ -222,10 +222,13 @@ class Store:
     # -- keys --------------------------------------------------------------------------------------
 
     def create_key(self, key: KeyRecord) -> KeyRecord:
-        with self.engine.begin() as conn:
-            if conn.execute(sa.select(tenants.c.id).where(tenants.c.id == key.tenant)).first() is None:
-                raise NotFound(f"no tenant {key.tenant!r}")
-            conn.execute(api_keys.insert().values(dataclasses.asdict(key)))
+        try:
+            with self.engine.begin() as conn:
+                if conn.execute(sa.select(tenants.c.id).where(tenants.c.id == key.tenant)).first() is None:
+                    raise NotFound(f"no tenant {key.tenant!r}")
+                conn.execute(api_keys.insert().values(dataclasses.asdict(key)))
+        except sa.exc.IntegrityError:  # the tenant deleted meanwhile, or (never seen) a key id taken
+            raise Conflict(f"key {key.id} of tenant {key.tenant!r} could not be stored: try again") from None
         return key
 
     def keys(self, tenant: str | None = None) -> list[KeyRecord]:
