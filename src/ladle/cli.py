@@ -270,6 +270,13 @@ def _add_serve_args(srv: argparse.ArgumentParser) -> None:
         help=f"on SIGTERM, seconds in-flight requests may still run before they are aborted ({d.drain_timeout_s:g})",
     )
     g.add_argument(
+        "--usage-log",
+        default=None,
+        metavar="FILE",
+        help="append each request's usage row (tenant, models, tokens, timings, status, outcome, cost) to FILE "
+        "as one JSON line, flushed per row, like an access log (config file: metering.usage_log)",
+    )
+    g.add_argument(
         "--tool-call-parser",
         default=e.tool_call_parser,
         choices=TOOL_CALL_PARSERS,
@@ -672,6 +679,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     defaults = _serve_defaults()
     cfg = _config_from_file(args, defaults) if args.config else _config_from_flags(args, defaults)
+    if args.usage_log:
+        cfg = dataclasses.replace(cfg, metering=dataclasses.replace(cfg.metering, usage_log=args.usage_log))
     logging.getLogger("ladle").setLevel(logging.DEBUG if args.debug else getattr(logging, args.log_level.upper()))
     return run(cfg, args.log_level)
 
@@ -752,7 +761,7 @@ def _config_from_file(args: argparse.Namespace, defaults: dict):
         f"--{dest.replace('_', '-')}"
         for dest, value in vars(args).items()
         if dest in defaults and dest not in SERVER_FLAGS
-        and dest not in ("config", "no_warmup", "log_level", "no_admission", "model_repository")
+        and dest not in ("config", "no_warmup", "log_level", "no_admission", "model_repository", "usage_log")
         and value != defaults[dest]
     )  # fmt: skip
     if model_flags:

@@ -20,6 +20,7 @@ import uvicorn
 from ladle.config import LadleConfig
 from ladle.engine.compute import ComputeLoop
 from ladle.metering.prometheus import ServerMetrics
+from ladle.metering.usage_log import UsageLog
 from ladle.router.endpoint import Phase
 from ladle.router.registry import Registry
 from ladle.router.router import Router
@@ -76,6 +77,8 @@ def make_lifespan(state: ServerState, server_ref: list):
             task.cancel()
             await state.registry.close()
             state.registry.compute.stop()
+            for sink in state.sinks:
+                sink.close()
 
     return lifespan
 
@@ -136,7 +139,8 @@ def create_state(cfg: LadleConfig) -> ServerState:
         on_unloaded=lambda e: metrics.detach_engine(e.name),
         observe_batch=metrics.observe_batch,
     )
-    return ServerState(config=cfg, metrics=metrics, registry=registry, router=Router(cfg, registry))
+    sinks = [UsageLog(cfg.metering.usage_log)] if cfg.metering.usage_log else []
+    return ServerState(config=cfg, metrics=metrics, registry=registry, router=Router(cfg, registry), sinks=sinks)
 
 
 def run(cfg: LadleConfig, log_level: str = "info") -> int:
