@@ -115,6 +115,8 @@ class Meter:
         now = time.monotonic()
         outcome = _outcome(status, self.outcome, crashed or self.error_status is not None)
         u = self.usage if status < 400 or status == CLIENT_GONE else Usage()
+        if status == CLIENT_GONE and self.model is not None and self.finish_reason is None:
+            self.finish_reason = "abort"  # its first sample was cut off
         p = self.principal
         self.row = UsageRecord(
             time_s=self.arrival_s,
