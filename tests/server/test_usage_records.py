@@ -8,7 +8,9 @@ with at least the tokens it had read."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import threading
 import time
 
@@ -78,6 +80,7 @@ def tokenized(server, model, prompt) -> int:
 
 
 def test_rows_add_up_to_the_usage_the_clients_received(server):
+    start_s = time.time()
     sent = {}  # request id -> (prompt, cached, completion) as the client's usage said
 
     def usage(rid, u):
@@ -128,6 +131,14 @@ def test_rows_add_up_to_the_usage_the_clients_received(server):
     assert rows["plain"].api == "/v1/completions" and rows["messages"].api == "/v1/messages"
     assert sum(r.prompt_tokens for r in rows.values()) == sum(p for p, _, _ in sent.values())
     assert sum(r.completion_tokens for r in rows.values()) == sum(c for _, _, c in sent.values())
+    # the ledger's report over these requests' time says the same (GET /v1/usage flushes the ledger)
+    status, _, report = server.request("GET", f"/v1/usage?group_by=model&start={start_s}")
+    assert status == 200, report
+    [small] = report["data"]
+    assert (small["model"], small["requests"]) == ("small", len(sent))
+    assert small["prompt_tokens"] == sum(p for p, _, _ in sent.values())
+    assert small["completion_tokens"] == sum(c for _, _, c in sent.values())
+    assert small["cost"] == pytest.approx(sum(r.cost for r in rows.values()))
 
 
 def test_aborted_degraded_and_refused_requests_each_leave_one_row(server):
@@ -167,6 +178,16 @@ def test_aborted_degraded_and_refused_requests_each_leave_one_row(server):
     assert (rows["invalid"].status, rows["invalid"].outcome) == (400, "rejected")
     for rid in ("failed", "invalid", "missing"):
         assert (rows[rid].prompt_tokens, rows[rid].completion_tokens, rows[rid].cost) == (0, 0, 0.0)
+
+
+def test_the_ledger_holds_the_rows_of_the_usage_log(server):
+    assert server.request("GET", "/v1/usage")[0] == 200  # flushes the ledger
+    columns = "request_id, prompt_tokens, cached_tokens, completion_tokens, status, outcome, model, api"
+    with contextlib.closing(sqlite3.connect(f"file:{server.data_dir}/ladle.db?mode=ro", uri=True)) as db:
+        ledger = sorted(db.execute(f"SELECT {columns} FROM usage"))
+    logged = sorted((r.request_id, r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.status, r.outcome,
+                     r.model, r.api) for r in read_usage_log(server.usage_log))  # fmt: skip
+    assert ledger == logged and len(ledger) >= 13
 
 
 # -- in process: a tenant limited to some models ------------------------------------------------------
