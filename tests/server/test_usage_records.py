@@ -22,6 +22,7 @@ from ladle.metering.usage_log import read_usage_log
 
 pytestmark = pytest.mark.slow
 FOREVER = {"prompt": "count", "max_tokens": 16000, "ignore_eos": True, "logprobs": 1}
+ADMIN_KEY = "admin-key-usage"
 COMMON = {"dtype": "float32", "kv_cache_memory_gib": 0.05, "max_num_seqs": 1, "max_waiting_requests": 1}
 
 
@@ -32,6 +33,7 @@ def server(tiny_models, tmp_path_factory):
     broken = tmp / "broken.gguf"
     broken.write_bytes(tiny_models["llama"].gguf_path.read_bytes()[:1000])
     config = {
+        "server": {"admin_keys": [ADMIN_KEY]},
         "admission": {"max_queue_wait_s": 10**7},  # the queue bound decides (see test_admission_server)
         "metering": {"prices": [{"model": "small", "prompt_per_1k": 1.0, "completion_per_1k": 2.0}]},
         "models": [
@@ -188,6 +190,37 @@ def test_the_ledger_holds_the_rows_of_the_usage_log(server):
     logged = sorted((r.request_id, r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.status, r.outcome,
                      r.model, r.api) for r in read_usage_log(server.usage_log))  # fmt: skip
     assert ledger == logged and len(ledger) >= 13
+
+
+def test_a_tenants_requests_are_its_own_rows_and_a_model_outside_its_list_is_refused(server):
+    """Last against this server: once a tenant exists, every request needs a key."""
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert server.request("POST", "/admin/tenants", {"id": "team-a", "models": ["small"]}, admin)[0] == 201
+    status, _, created = server.request("POST", "/admin/tenants/team-a/keys", {"name": "t"}, admin)
+    assert status == 201
+    key = {"Authorization": f"Bearer {created['key']}"}
+    body = {"model": "small", "prompt": "mine", "max_tokens": 3}
+    status, _, served = server.request("POST", "/v1/completions", body, {**key, "X-Request-Id": "tenant-ok"})
+    assert status == 200
+    status, _, refused = server.request("POST", "/v1/completions", {**body, "model": "big"},
+                                        {**key, "X-Request-Id": "tenant-403"})  # fmt: skip
+    assert status == 403 and refused["error"]["code"] == "model_not_allowed"
+    status, _, refused = server.request("POST", "/v1/messages", {"model": "big", "max_tokens": 3, "messages": [
+        {"role": "user", "content": "x"}]}, {**key, "X-Request-Id": "tenant-403-anthropic"})  # fmt: skip
+    assert status == 403 and refused["error"]["type"] == "permission_error"
+
+    rows = rows_of(server, {"tenant-ok", "tenant-403", "tenant-403-anthropic"})
+    assert {(r.tenant, r.key_id) for r in rows.values()} == {("team-a", created["id"])}
+    ok = rows["tenant-ok"]
+    assert (ok.prompt_tokens, ok.completion_tokens) == (served["usage"]["prompt_tokens"], 3)
+    for rid in ("tenant-403", "tenant-403-anthropic"):
+        assert (rows[rid].status, rows[rid].outcome, rows[rid].model_requested) == (403, "rejected", "big")
+        assert rows[rid].prompt_tokens == rows[rid].completion_tokens == 0
+    status, _, report = server.request("GET", "/v1/usage?group_by=tenant", headers=key)
+    assert status == 200
+    assert [(d["tenant"], d["requests"], d["prompt_tokens"], d["completion_tokens"]) for d in report["data"]] == [
+        ("team-a", 3, ok.prompt_tokens, 3)
+    ]
 
 
 # -- in process: a tenant limited to some models ------------------------------------------------------
