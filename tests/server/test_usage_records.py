@@ -1,23 +1,26 @@
-"""One usage row per HTTP request, read back from a live server's --usage-log: the rows' token
-sums equal the `usage` the clients received, exactly, across non-streaming and streaming requests
-(with and without include_usage), n > 1, the Anthropic API, a degraded request, a failed one
-(a model that cannot load) and refused ones (404, and 403 for a model the tenant may not use),
-each with its status and outcome; a client that leaves mid-stream is recorded as aborted (499)
-with at least the tokens it had read."""
+"""One usage row per HTTP request, read back from a live server's --usage-log and from its
+ledger (SQLite and PostgreSQL): the rows' token sums equal the `usage` the clients received,
+exactly, across non-streaming and streaming requests (with and without include_usage), n > 1,
+the Anthropic API, a degraded request, a failed one (a model that cannot load) and refused ones
+(400, 404, and 403 for a model the tenant may not use), each with its status and outcome; a
+client that leaves mid-stream is recorded as aborted (499) with at least the tokens it had read."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import sqlite3
+import os
 import threading
 import time
+import uuid
 
 import pytest
+import sqlalchemy
 import yaml
 
 from helpers import ServerProcess, long_context_copy, open_stream, read_events, wait_for_metric
+from ladle.config import MeteringConfig
+from ladle.metering.store import create_engine, database_url
 from ladle.metering.usage_log import read_usage_log
 
 pytestmark = pytest.mark.slow
@@ -26,8 +29,32 @@ ADMIN_KEY = "admin-key-usage"
 COMMON = {"dtype": "float32", "kv_cache_memory_gib": 0.05, "max_num_seqs": 1, "max_waiting_requests": 1}
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def database(request):
+    """The ledger's database: --data-dir's SQLite file (ServerProcess's temporary folder), or a
+    fresh database on the local PostgreSQL (skipped when it does not answer, except under CI)."""
+    if request.param == "sqlite":
+        yield None
+        return
+    import psycopg
+
+    admin_url = os.environ.get("LADLE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+    try:
+        psycopg.connect(admin_url, autocommit=True, connect_timeout=3).close()
+    except psycopg.OperationalError as e:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"PostgreSQL at {admin_url} does not answer: {str(e).strip().splitlines()[0]}")
+    name = "ladle_test_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield admin_url.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="module")
-def server(tiny_models, tmp_path_factory):
+def server(tiny_models, tmp_path_factory, database):
     tmp = tmp_path_factory.mktemp("usage")
     big = long_context_copy(tiny_models["qwen2"].hf_dir, tmp / "big", 16384)
     broken = tmp / "broken.gguf"
@@ -44,8 +71,10 @@ def server(tiny_models, tmp_path_factory):
     }
     (tmp / "ladle.yaml").write_text(yaml.safe_dump(config))
     log = tmp / "usage.jsonl"
-    s = ServerProcess("--config", str(tmp / "ladle.yaml"), "--usage-log", str(log))
+    flags = ("--database", database) if database else ()
+    s = ServerProcess("--config", str(tmp / "ladle.yaml"), "--usage-log", str(log), *flags)
     s.usage_log = log
+    s.metering = MeteringConfig(database=database) if database else MeteringConfig(data_dir=s.data_dir)
     yield s
     s.stop()
 
@@ -185,8 +214,12 @@ def test_aborted_degraded_and_refused_requests_each_leave_one_row(server):
 def test_the_ledger_holds_the_rows_of_the_usage_log(server):
     assert server.request("GET", "/v1/usage")[0] == 200  # flushes the ledger
     columns = "request_id, prompt_tokens, cached_tokens, completion_tokens, status, outcome, model, api"
-    with contextlib.closing(sqlite3.connect(f"file:{server.data_dir}/ladle.db?mode=ro", uri=True)) as db:
-        ledger = sorted(db.execute(f"SELECT {columns} FROM usage"))
+    engine = create_engine(database_url(server.metering))
+    try:
+        with engine.connect() as conn:
+            ledger = sorted(tuple(r) for r in conn.execute(sqlalchemy.text(f"SELECT {columns} FROM usage")))
+    finally:
+        engine.dispose()
     logged = sorted((r.request_id, r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.status, r.outcome,
                      r.model, r.api) for r in read_usage_log(server.usage_log))  # fmt: skip
     assert ledger == logged and len(ledger) >= 13
