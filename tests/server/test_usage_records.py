@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy
 import yaml
 
-from helpers import ServerProcess, long_context_copy, open_stream, read_events, wait_for_metric
+from helpers import ServerProcess, long_context_copy, open_stream, read_events, usage_rows, wait_for_metric
 from ladle.config import MeteringConfig
 from ladle.metering.store import create_engine, database_url
 from ladle.metering.usage_log import read_usage_log
@@ -79,15 +79,8 @@ def server(tiny_models, tmp_path_factory, database):
     s.stop()
 
 
-def rows_of(server, request_ids, timeout_s=60) -> dict:
-    """The rows of these requests, once all are written (a stream's row follows its last byte)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        rows = {r.request_id: r for r in read_usage_log(server.usage_log) if r.request_id in request_ids}
-        if len(rows) == len(request_ids) or time.monotonic() > deadline:
-            assert set(rows) == set(request_ids), f"rows missing: {set(request_ids) - set(rows)}"
-            return rows
-        time.sleep(0.05)
+def rows_of(server, request_ids) -> dict:
+    return usage_rows(server.usage_log, request_ids)
 
 
 def post(server, path, body, rid):
