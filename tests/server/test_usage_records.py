@@ -57,6 +57,7 @@ def database(request):
 def server(tiny_models, tmp_path_factory, database):
     tmp = tmp_path_factory.mktemp("usage")
     big = long_context_copy(tiny_models["qwen2"].hf_dir, tmp / "big", 16384)
+    small = long_context_copy(tiny_models["llama"].hf_dir, tmp / "small", 16384)  # endless streams fit both
     broken = tmp / "broken.gguf"
     broken.write_bytes(tiny_models["llama"].gguf_path.read_bytes()[:1000])
     config = {
@@ -65,7 +66,7 @@ def server(tiny_models, tmp_path_factory, database):
         "metering": {"prices": [{"model": "small", "prompt_per_1k": 1.0, "completion_per_1k": 2.0}]},
         "models": [
             {"name": "big", "model": str(big), "degrade_to": "small", **COMMON},
-            {"name": "small", "model": str(tiny_models["llama"].hf_dir), **COMMON},
+            {"name": "small", "model": str(small), **COMMON},
             {"name": "broken", "model": str(broken), "dtype": "float32"},
         ],
     }
@@ -169,16 +170,31 @@ def test_aborted_degraded_and_refused_requests_each_leave_one_row(server):
     hold = open_stream(server, "/v1/completions", {**FOREVER, "model": "big"}, {"X-Request-Id": "hold"})
     read = read_events(hold[1], 3)  # big's one slot is taken; the tokens this client read:
     num_read = sum(len(json.loads(e)["choices"][0]["logprobs"]["tokens"]) for e in read)
-    queued = []
-    waiter = threading.Thread(target=lambda: queued.append(
-        post(server, "/v1/completions", {"model": "big", "prompt": "wait", "max_tokens": 3}, "queued")))  # fmt: skip
-    waiter.start()
+    queued = {}  # request id -> its response, once the slot it waits for is free
+
+    def wait_in(model, rid):
+        def run():
+            queued[rid] = post(server, "/v1/completions", {"model": model, "prompt": "wait", "max_tokens": 3}, rid)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    waiter = wait_in("big", "queued")
     wait_for_metric(server, "ladle_num_requests_waiting", 1, model_name="big")  # ... and its queue is full
     status, _, degraded = post(server, "/v1/completions", {"model": "big", "prompt": "hi", "max_tokens": 3}, "degraded")
     assert status == 200 and degraded["model"] == "small"
-    hold[0].close()  # the client leaves: the endless stream is aborted, the queued request runs
+    hold_small = open_stream(server, "/v1/completions", {**FOREVER, "model": "small"}, {"X-Request-Id": "hold-small"})
+    read_events(hold_small[1], 2)  # small's slot too, and its queue:
+    waiter_small = wait_in("small", "queued-small")
+    wait_for_metric(server, "ladle_num_requests_waiting", 1, model_name="small")
+    status, _, refused = post(server, "/v1/completions", {"model": "big", "prompt": "hi", "max_tokens": 3}, "refused")
+    assert status == 429 and refused["error"]["code"] == "rate_limit_exceeded"
+    for conn, _ in (hold, hold_small):  # the clients leave: the endless streams are aborted, the queued ones run
+        conn.close()
     waiter.join()
-    assert queued[0][0] == 200
+    waiter_small.join()
+    assert {rid: q[0] for rid, q in queued.items()} == {"queued": 200, "queued-small": 200}
     status, _, failed = post(server, "/v1/completions", {"model": "broken", "prompt": "x", "max_tokens": 3}, "failed")
     assert status == 503 and failed["error"]["code"] == "model_load_failed"
     status, _, _ = post(server, "/v1/chat/completions", {"model": "small", "messages": []}, "invalid")
@@ -186,21 +202,25 @@ def test_aborted_degraded_and_refused_requests_each_leave_one_row(server):
     status, _, _ = post(server, "/v1/completions", {"model": "gamma", "prompt": "x"}, "missing")
     assert status == 404
 
-    rows = rows_of(server, {"hold", "queued", "degraded", "failed", "invalid", "missing"})
+    rows = rows_of(server, {"hold", "hold-small", "queued", "queued-small", "degraded", "refused", "failed", "invalid",
+                            "missing"})  # fmt: skip
     hold_row = rows["hold"]
     assert (hold_row.status, hold_row.outcome, hold_row.model) == (499, "aborted", "big")
     assert hold_row.completion_tokens >= num_read > 0 and hold_row.finish_reason == "abort"
+    hold_small_row = rows["hold-small"]
+    assert (hold_small_row.status, hold_small_row.outcome, hold_small_row.model) == (499, "aborted", "small")
     assert rows["degraded"].outcome == "degraded" and rows["degraded"].model == "small"
     assert rows["degraded"].model_requested == "big"
-    for rid, body in (("degraded", degraded), ("queued", queued[0][2])):
+    for rid, body in (("degraded", degraded), *((q, queued[q][2]) for q in ("queued", "queued-small"))):
         u = body["usage"]
         assert (rows[rid].prompt_tokens, rows[rid].completion_tokens) == (u["prompt_tokens"], u["completion_tokens"])
     assert rows["queued"].outcome == "served" and rows["queued"].model == "big"
+    assert (rows["refused"].status, rows["refused"].outcome, rows["refused"].model) == (429, "rejected", None)
     assert rows["failed"].outcome == "failed" and rows["failed"].status == 503
     assert rows["failed"].model is None and rows["failed"].model_requested == "broken"
     assert (rows["missing"].status, rows["missing"].outcome) == (404, "rejected")
     assert (rows["invalid"].status, rows["invalid"].outcome) == (400, "rejected")
-    for rid in ("failed", "invalid", "missing"):
+    for rid in ("refused", "failed", "invalid", "missing"):
         assert (rows[rid].prompt_tokens, rows[rid].completion_tokens, rows[rid].cost) == (0, 0, 0.0)
 
 
