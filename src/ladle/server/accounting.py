@@ -104,6 +104,11 @@ class Meter:
             if index == 0 and m.first_scheduled_s is not None:
                 self.queue_s = m.first_scheduled_s - m.arrival_s
 
+    def finished_as(self, index: int, reason: str | None) -> None:
+        """A sample's finish reason as the response tells it (a chat's tool_calls for stop)."""
+        if index == 0:
+            self.finish_reason = reason
+
     def failed(self, error: APIError) -> None:
         """An error the response carries after its 200 (an event in a stream)."""
         self.error_status = error.status

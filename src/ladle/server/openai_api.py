@@ -627,26 +627,21 @@ async def chat_completions(request: Request, meter: Meter) -> Response:
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **gen.headers},
         )
-    choices = await collect(request, gen, body.n)
-    return JSONResponse(
+    choices = [
         {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": gen.model,
-            "choices": [
-                {
-                    "index": c.index,
-                    **_chat_message(run.tools, c),
-                    "logprobs": {"content": _chat_logprobs(tok, c.logprobs)} if body.logprobs else None,
-                    "stop_reason": c.stop_reason,
-                }
-                for c in choices
-            ],
-            "usage": gen.usage.as_dict(),
-        },
+            "index": c.index,
+            **_chat_message(run.tools, c),
+            "logprobs": {"content": _chat_logprobs(tok, c.logprobs)} if body.logprobs else None,
+            "stop_reason": c.stop_reason,
+        }
+        for c in await collect(request, gen, body.n)
+    ]
+    meter.finished_as(0, choices[0]["finish_reason"])
+    return JSONResponse(
+        {"id": rid, "object": "chat.completion", "created": created, "model": gen.model, "choices": choices,
+         "usage": gen.usage.as_dict()},
         headers=gen.headers,
-    )
+    )  # fmt: skip
 
 
 def _chat_message(plan: ToolPlan, c: Choice) -> dict:
@@ -709,6 +704,7 @@ async def _chat_stream(run: ChatRun, rid, created, include_usage):
             if out.finished:
                 has_calls = index in extractors and extractors[index].num_calls > 0
                 reason = _finish_reason(out.finish_reason, has_calls)
+                gen.meter.finished_as(index, reason)
                 yield chunk(index, {}, finish_reason=reason, stop_reason=out.stop_reason)
     except APIError as e:  # after the 200: the error travels as an event
         gen.meter.failed(e)
