@@ -187,17 +187,19 @@ def wait_for_metric(server, name: str, value: float, timeout_s: float = 60, **la
 ADMIN = {"Authorization": "Bearer admin-secret"}  # the admin key of metered_state's server
 
 
-def metered_state(data_dir, **server):
-    """A ServerState with a SQLite store and a ledger and no models: enough for the admin tenants
-    and usage APIs under starlette's TestClient (or uvicorn in a thread). Close with close_sinks()."""
+def metered_state(metering, **server):
+    """A ServerState with a store (a MeteringConfig, or a data dir for SQLite) and a ledger and no
+    models: enough for the admin tenants and usage APIs under starlette's TestClient (or uvicorn in
+    a thread). Close with close_sinks()."""
     from ladle.config import LadleConfig, MeteringConfig, ServerConfig
     from ladle.metering.prometheus import ServerMetrics
     from ladle.metering.store import Store
     from ladle.server.serve import attach_metering
     from ladle.server.state import ServerState
 
-    cfg = LadleConfig(server=ServerConfig(admin_keys=("admin-secret",), **server),
-                      metering=MeteringConfig(data_dir=str(data_dir)))  # fmt: skip
+    if not isinstance(metering, MeteringConfig):
+        metering = MeteringConfig(data_dir=str(metering))
+    cfg = LadleConfig(server=ServerConfig(admin_keys=("admin-secret",), **server), metering=metering)
     state = ServerState(config=cfg, metrics=ServerMetrics(), registry=None, router=None)
     return attach_metering(state, Store.open(cfg.metering))
 

@@ -296,7 +296,8 @@ def _add_serve_args(srv: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY",
-        help="bearer token of the admin API, /admin/models (repeatable); without one, no admin API",
+        help="bearer token of the admin API (/admin/models, /admin/tenants, /admin/keys; repeatable); "
+        "without one, no admin API",
     )
     g.add_argument(
         "--max-request-bytes",

@@ -42,3 +42,12 @@ def test_the_flags_alone_build_the_metering_config(tmp_path):
     base = cli.MeteringConfig()
     m = cli._metering_config(args, base, defaults)
     assert (m.data_dir, m.database, m.ledger) == ("/d", None, True)
+
+
+def test_a_database_that_does_not_answer_is_one_line_without_its_password():
+    from helpers import assert_one_line_error, free_port, run_ladle
+
+    url = f"postgresql://ladle:s3cret@127.0.0.1:{free_port()}/ledger"
+    result = run_ladle("serve", "--database", url, "--no-embedding-model")
+    assert_one_line_error(result, "--database postgresql://ladle:***@127.0.0.1", "cannot open the metering database")
+    assert "s3cret" not in result.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-from ladle.config import MeteringConfig
 from ladle.metering.ledger import Ledger
 from ladle.metering.store import Store
 from ladle.metering.usage import UsageRecord
@@ -31,8 +30,8 @@ class FlakyStore:
         self.rows.extend(rows)
 
 
-def test_rows_reach_the_database_within_the_flush_interval(tmp_path):
-    store = Store.open(MeteringConfig(data_dir=str(tmp_path)))
+def test_rows_reach_the_database_within_the_flush_interval(metering_config):
+    store = Store.open(metering_config)
     ledger = Ledger(store, flush_interval_s=0.05)
     for i in range(100):
         ledger.record(row(i))

@@ -107,3 +107,15 @@ def test_every_usage_field_round_trips(store):
     with store.engine.connect() as conn:
         got = conn.execute(sa.text("SELECT * FROM usage")).mappings().one()
     assert {k: got[k] for k in dataclasses.asdict(record)} == dataclasses.asdict(record)
+
+
+def test_servers_opening_a_fresh_database_at_once_migrate_it_once(metering_config):
+    """Two replicas starting together: one migrates, the others wait and find it done."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda _: Store.open(metering_config), range(4)))
+    stores[0].create_tenant(Tenant("one"))
+    assert all([t.id for t in s.tenants()] == ["one"] for s in stores)
+    for s in stores:
+        s.close()

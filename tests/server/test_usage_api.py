@@ -21,9 +21,10 @@ def row(time_s, tenant, model="tiny", prompt=10, completion=5, key_id=None):
 
 
 @pytest.fixture
-def setup(tmp_path):
-    """A server state with tenants a and b, a key of each, and rows of both in its ledger."""
-    state = metered_state(tmp_path / "data")
+def setup(metering_config):
+    """A server state with tenants a and b, a key of each, and rows of both in its ledger (on
+    SQLite and on PostgreSQL)."""
+    state = metered_state(metering_config)
     client = TestClient(build_app(state))
     keys = {}
     for tenant in ("a", "b"):

@@ -112,40 +112,50 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cursor.close()
 
 
+def shown(url: str) -> str:
+    """The URL as an error may print it: no password."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return url
+
+
 def create_engine(url: str) -> sa.Engine:
     try:
         engine = sa.create_engine(url)
     except (sa.exc.ArgumentError, ImportError) as e:
-        raise LadleError(f"--database {url}: not a database URL this server can open: {e}") from None
+        raise LadleError(
+            f"--database {shown(url)}: cannot open this URL ({e}): use sqlite:///FILE or postgresql://USER@HOST/DB"
+        ) from None
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     return engine
 
 
 @contextlib.contextmanager
-def _migration_lock(conn: sa.Connection, url: sa.URL):
-    """One process migrates at a time (two servers starting on a fresh database)."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})"))
+def _sqlite_file_lock(url: sa.URL):
+    """One process migrates a SQLite file at a time (held until its transaction committed)."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         yield
-    elif conn.dialect.name == "sqlite" and url.database not in (None, "", ":memory:"):
-        import fcntl
+        return
+    import fcntl
 
-        with open(f"{url.database}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-    else:
+    with open(f"{url.database}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
 
 def migrate(engine: sa.Engine) -> None:
-    """Bring the schema to the newest migration (nothing to do where it is there already)."""
+    """Bring the schema to the newest migration (nothing to do where it is there already). Two
+    servers starting on a fresh database take turns: a lock held until the migration committed."""
     from alembic import command
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn, _migration_lock(conn, engine.url):
+    with _sqlite_file_lock(engine.url), engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # released at commit
+            conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})"))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 
@@ -164,8 +174,9 @@ class Store:
             migrate(engine)
         except sa.exc.OperationalError as e:
             engine.dispose()
-            where = f"--database {cfg.database}" if cfg.database else f"--data-dir {cfg.data_dir}"
-            raise LadleError(f"{where}: cannot open the metering database: {e.orig or e}") from None
+            where = f"--database {shown(cfg.database)}" if cfg.database else f"--data-dir {cfg.data_dir}"
+            problem = " ".join(str(e.orig or e).split())  # one line
+            raise LadleError(f"{where}: cannot open the metering database: {problem}") from None
         return cls(engine)
 
     def close(self) -> None:
@@ -211,10 +222,13 @@ class Store:
     # -- keys --------------------------------------------------------------------------------------
 
     def create_key(self, key: KeyRecord) -> KeyRecord:
-        with self.engine.begin() as conn:
-            if conn.execute(sa.select(tenants.c.id).where(tenants.c.id == key.tenant)).first() is None:
-                raise NotFound(f"no tenant {key.tenant!r}")
-            conn.execute(api_keys.insert().values(dataclasses.asdict(key)))
+        try:
+            with self.engine.begin() as conn:
+                if conn.execute(sa.select(tenants.c.id).where(tenants.c.id == key.tenant)).first() is None:
+                    raise NotFound(f"no tenant {key.tenant!r}")
+                conn.execute(api_keys.insert().values(dataclasses.asdict(key)))
+        except sa.exc.IntegrityError:  # the tenant deleted meanwhile, or (never seen) a key id taken
+            raise Conflict(f"key {key.id} of tenant {key.tenant!r} could not be stored: try again") from None
         return key
 
     def keys(self, tenant: str | None = None) -> list[KeyRecord]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +20,8 @@ from ladle.router.endpoint import Endpoint
 from ladle.router.registry import ModelNotFound, ModelUnavailable, Registry, WrongTask
 from ladle.router.router import Overloaded, Pick, Route, Router
 from ladle.server.errors import APIError
+
+log = logging.getLogger(__name__)
 
 
 class ServerPhase(enum.Enum):
@@ -50,7 +53,10 @@ class ServerState:
     def close_sinks(self) -> None:
         """At shutdown, after the drain: every sink writes what it holds, then the store closes."""
         for sink in self.sinks:
-            sink.close()
+            try:
+                sink.close()
+            except Exception:  # one sink's failure must not keep the others (or the store) open
+                log.exception("closing the usage sink %s failed", type(sink).__name__)
         if self.store is not None:
             self.store.close()
 
