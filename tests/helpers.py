@@ -202,3 +202,17 @@ def metered_state(metering, **server):
     cfg = LadleConfig(server=ServerConfig(admin_keys=("admin-secret",), **server), metering=metering)
     state = ServerState(config=cfg, metrics=ServerMetrics(), registry=None, router=None)
     return attach_metering(state, Store.open(cfg.metering))
+
+
+def usage_rows(path, request_ids, timeout_s: float = 60) -> dict:
+    """The rows of these requests in a --usage-log file, once all are written (a stream's row
+    follows its last byte): {request id: UsageRecord}."""
+    from ladle.metering.usage_log import read_usage_log
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = {r.request_id: r for r in read_usage_log(path) if r.request_id in request_ids}
+        if len(rows) == len(request_ids) or time.monotonic() > deadline:
+            assert set(rows) == set(request_ids), f"rows missing: {set(request_ids) - set(rows)}"
+            return rows
+        time.sleep(0.05)

@@ -231,7 +231,7 @@ SERVER_FLAGS = {  # serve flag dest -> ServerConfig field: the flags that may ov
     "max_request_bytes": "max_request_bytes", "drain_timeout": "drain_timeout_s",
 }  # fmt: skip
 METERING_FLAGS = {  # serve flag dest -> MeteringConfig field: flags that may override a config file's `metering:`
-    "database": "database", "data_dir": "data_dir", "redis": "redis",
+    "database": "database", "data_dir": "data_dir", "redis": "redis", "usage_log": "usage_log",
 }  # fmt: skip
 
 
@@ -255,6 +255,13 @@ def _add_metering_args(srv: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="keep the tenants' quota counters in this Redis (redis://HOST:PORT/DB), shared by every replica "
         "given the same URL, so N replicas enforce a limit once (default: in this process)",
+    )
+    g.add_argument(
+        "--usage-log",
+        default=m.usage_log,
+        metavar="FILE",
+        help="also append each request's usage row (tenant, models, tokens, timings, status, outcome, cost) to "
+        "FILE as one JSON line, flushed per row, like an access log",
     )
     g.add_argument(
         "--share-prefix-cache",

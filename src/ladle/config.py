@@ -336,6 +336,7 @@ class MeteringConfig:
     flush_interval_s: float = 0.25  # the ledger writes its rows at least this often (kill -9 loses at most these)
     share_prefix_cache: bool = False  # tenants may reuse each other's prefix-cache blocks (else salted per tenant)
     prices: tuple[PriceConfig, ...] = ()  # per model, for costs in usage reports and cost budgets
+    usage_log: str | None = None  # also append every usage row to this file as a JSON line (None: no file)
 
     def __post_init__(self):
         if not 0 < self.flush_interval_s <= 1.0:

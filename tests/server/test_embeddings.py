@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from openai import OpenAI
 
-from helpers import ServerProcess
+from helpers import ServerProcess, usage_rows
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,8 @@ def varied_sentences() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models):
+def server(tiny_models, tmp_path_factory):
+    usage_log = tmp_path_factory.mktemp("embeddings") / "usage.jsonl"
     server = ServerProcess(
         "--model",
         str(tiny_models["llama"].gguf_path),
@@ -65,7 +66,10 @@ def server(tiny_models):
         "20",
         "--admin-key",
         "admin-test",
+        "--usage-log",
+        str(usage_log),
     )
+    server.usage_log = usage_log
     yield server
     server.stop()
 
@@ -242,6 +246,19 @@ def test_models_admin_and_metrics_show_the_embedding_model(server, client):
     ):
         assert server.metric(name, model_name=MODEL) >= 1
     assert server.metric("ladle_prompt_tokens_total", model_name=MODEL) > 0
+
+
+def test_each_embeddings_request_is_one_usage_row_with_the_usage_it_got(server):
+    body = {"model": MODEL, "input": ["A cat.", "The weather in Paris is lovely in spring."]}
+    status, _, reply = server.request("POST", "/v1/embeddings", body, {"X-Request-Id": "emb-ok"})
+    assert status == 200
+    status, _, _ = server.request("POST", "/v1/embeddings", {**body, "input": LONG}, {"X-Request-Id": "emb-400"})
+    assert status == 400
+    rows = usage_rows(server.usage_log, {"emb-ok", "emb-400"})
+    ok, bad = rows["emb-ok"], rows["emb-400"]
+    assert (ok.api, ok.model, ok.status, ok.outcome) == ("/v1/embeddings", MODEL, 200, "served")
+    assert (ok.prompt_tokens, ok.completion_tokens) == (reply["usage"]["prompt_tokens"], 0)
+    assert (bad.status, bad.outcome, bad.prompt_tokens) == (400, "rejected", 0)
 
 
 def test_the_llm_still_serves_beside_it(server):

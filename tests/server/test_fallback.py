@@ -9,7 +9,15 @@ import json
 import pytest
 import yaml
 
-from helpers import ServerProcess, long_context_copy, open_stream, read_events, send_request, wait_for_metric
+from helpers import (
+    ServerProcess,
+    long_context_copy,
+    open_stream,
+    read_events,
+    send_request,
+    usage_rows,
+    wait_for_metric,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +40,8 @@ def servers(tiny_models, tmp_path_factory):
         ],
     }  # fmt: skip
     (tmp / "ladle.yaml").write_text(yaml.safe_dump(config))
-    server = ServerProcess("--config", str(tmp / "ladle.yaml"))
+    server = ServerProcess("--config", str(tmp / "ladle.yaml"), "--usage-log", str(tmp / "usage.jsonl"))
+    server.usage_log = tmp / "usage.jsonl"
     yield server, upstream
     server.stop()
     upstream.stop()
@@ -81,3 +90,21 @@ def test_a_full_local_queue_falls_back_streaming_and_not(servers):
     finally:
         hold[0].close()
         waiting.close()
+
+
+def test_a_fallen_back_request_is_one_row_with_the_upstreams_usage(servers):
+    server, _ = servers
+    body = {"model": "broken", "prompt": "hello", "max_tokens": 3, "ignore_eos": True}
+    status, _, plain = server.request("POST", "/v1/completions", body, {"X-Request-Id": "fb-plain"})
+    assert status == 200
+    conn, stream = open_stream(server, "/v1/completions", {**body, "stream_options": {"include_usage": True}},
+                               {"X-Request-Id": "fb-stream"})  # fmt: skip
+    events = [json.loads(e) for e in read_events(stream, 100) if e != "[DONE]"]
+    conn.close()
+    sent = {"fb-plain": plain["usage"], "fb-stream": events[-1]["usage"]}
+    rows = usage_rows(server.usage_log, set(sent))
+    for rid, usage in sent.items():
+        row = rows[rid]
+        assert (row.model_requested, row.model, row.outcome, row.status) == ("broken", "peer", "fell_back", 200)
+        assert (row.prompt_tokens, row.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
+        assert row.completion_tokens == 3

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import ServerProcess
+from helpers import ServerProcess, usage_rows
 
 triton = pytest.importorskip("tritonclient.http")
 ort = pytest.importorskip("onnxruntime")
@@ -41,7 +41,9 @@ def server(repo, tiny_models):
     srv = ServerProcess(
         "--model", str(tiny_models["llama"].gguf_path), "--served-model-name", "tiny",
         "--kv-cache-memory", "0.02", "--model-repository", str(repo), "--admin-key", "adm",
+        "--usage-log", str(repo / "usage.jsonl"),
     )  # fmt: skip
+    srv.usage_log = repo / "usage.jsonl"
     yield srv
     srv.stop()
 
@@ -152,6 +154,17 @@ def test_tensor_models_in_v1_models_and_the_admin_api(server):
 def test_llm_on_v2_is_refused_clearly(server):
     status, _, body = server.request("POST", "/v2/models/tiny/infer", body={"inputs": []})
     assert status == 400 and "tiny" in body["error"]
+
+
+def test_each_infer_is_one_usage_row_of_no_tokens(server):
+    assert _infer_raw(server, "iris", _json_request(ROWS), {"X-Request-Id": "kserve-ok"})[0] == 200
+    assert _infer_raw(server, "nope", _json_request(ROWS), {"X-Request-Id": "kserve-404"})[0] == 404
+    rows = usage_rows(server.usage_log, {"kserve-ok", "kserve-404"})
+    ok, missing = rows["kserve-ok"], rows["kserve-404"]
+    assert (ok.api, ok.model_requested, ok.model, ok.status, ok.outcome) == (
+        "/v2/models/{name}/infer", "iris", "iris", 200, "served")  # fmt: skip
+    assert (missing.model_requested, missing.model, missing.status, missing.outcome) == ("nope", None, 404, "rejected")
+    assert all(r.prompt_tokens == r.completion_tokens == 0 for r in rows.values())
 
 
 def _infer_raw(server, name: str, body, headers=None):

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ladle.server.accounting import Meter, check_allowed, metered
 from ladle.server.errors import APIError, from_validation_error
 from ladle.server.openai_api import (
     SSE_HEADERS,
@@ -155,14 +156,15 @@ def _chat_request(body: CountTokensRequest, **sampling: Any) -> ChatCompletionRe
 # -- routes -------------------------------------------------------------------------------------------
 
 
-async def messages(request: Request) -> Response:
+@metered("/v1/messages")
+async def messages(request: Request, meter: Meter) -> Response:
     body: MessagesRequest = await parse_body(request, MessagesRequest)
     chat = _chat_request(
         body, max_tokens=body.max_tokens, stop=body.stop_sequences, temperature=body.temperature,
         top_p=body.top_p, top_k=body.top_k,
     )  # fmt: skip
     try:
-        run = await start_chat(request, chat, None)
+        run = await start_chat(request, chat, None, meter)
     except APIError as e:  # a chat field's error, in this API's name for the field
         if e.param in _FIELD_NAMES:
             e.message, e.param = e.message.replace(e.param, _FIELD_NAMES[e.param], 1), _FIELD_NAMES[e.param]
@@ -192,7 +194,9 @@ async def messages(request: Request) -> Response:
 async def count_tokens(request: Request) -> Response:
     body: CountTokensRequest = await parse_body(request, CountTokensRequest)
     chat = _chat_request(body)
-    endpoint = (await request.app.state.ladle.resolve(chat.model)).endpoint
+    state = request.app.state.ladle
+    check_allowed(state, state.principal(request), chat.model)
+    endpoint = (await state.resolve(chat.model)).endpoint
     if not hasattr(endpoint, "tokenizer"):
         raise APIError(503, f"the model `{endpoint.name}` is answering through an upstream: its tokens cannot be "
                             "counted here", code="upstream_only")  # fmt: skip
@@ -290,6 +294,7 @@ async def _stream(run: ChatRun, rid: str):
             if out.finished:
                 choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
     except APIError as e:  # after the 200: the error travels as an event
+        gen.meter.failed(e)
         yield _event(e.anthropic_body())
         return
     finally:

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from ladle.engine.batcher import BatchQueueTimeout, QueueFull
 from ladle.errors import InvalidRequestError
 from ladle.router.endpoint import EMBED
+from ladle.server.accounting import Meter, Usage, metered
 from ladle.server.errors import APIError, ClientDisconnected, from_ladle_error
 from ladle.server.openai_api import _until_disconnected, parse_body
 from ladle.server.state import ServerState
@@ -96,11 +97,14 @@ def _encode(vector: np.ndarray, encoding_format: str):
     return vector.tolist()
 
 
-async def embeddings(request: Request) -> Response:
+@metered("/v1/embeddings")
+async def embeddings(request: Request, meter: Meter) -> Response:
     state: ServerState = request.app.state.ladle
     body: EmbeddingRequest = await parse_body(request, EmbeddingRequest)
+    meter.requesting(body.model)
     endpoint = await state.acquire(body.model, EMBED)
     request.scope["state"]["model"] = endpoint.name  # for the HTTP metrics
+    meter.answered(endpoint.name)
     try:
         endpoint.check_dimensions(body.dimensions)
         batch = endpoint.prepare(body.inputs(), body.truncate_tokens())
@@ -115,6 +119,7 @@ async def embeddings(request: Request) -> Response:
         {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
         for i, v in enumerate(vectors)
     ]
+    meter.usage = Usage(prompt_tokens=num_tokens)
     usage = {"prompt_tokens": num_tokens, "total_tokens": num_tokens}
     return JSONResponse({"object": "list", "data": data, "model": endpoint.name, "usage": usage})
 

@@ -30,6 +30,7 @@ from ladle.model.tensor_repository import scan_repository
 from ladle.router.endpoint import INFER, Phase
 from ladle.router.onnx import tensor_model_entry
 from ladle.router.registry import ModelNotFound
+from ladle.server.accounting import Meter, metered
 from ladle.server.errors import APIError
 from ladle.server.kserve_tensors import HEADER_LENGTH, encode_infer_response, parse_infer_request
 from ladle.server.state import ServerPhase, ServerState
@@ -147,14 +148,17 @@ async def model_ready(request: Request) -> Response:
     return JSONResponse(body, status_code=200 if is_ready else 503)
 
 
-async def infer(request: Request) -> Response:
+@metered("/v2/models/{name}/infer")
+async def infer(request: Request, meter: Meter) -> Response:
     state = _state(request)
+    meter.requesting(request.path_params["name"])
     endpoint = _endpoint(request)
     cfg = _tensor_config(endpoint)
     body = await request.body()
     parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), cfg)
     endpoint = await state.acquire(endpoint.name, INFER)  # waits for (or starts) its load; 503 if it cannot
     state.reserve_quota(state.principal(request), request.state.request_id, 0)  # tensors: the request counts
+    meter.answered(endpoint.name)  # tensors: no tokens to count
     try:
         results = await endpoint.infer(parsed.inputs, parsed.num_rows)
     except LadleError as e:

@@ -25,6 +25,7 @@ from ladle.router.complexity import Features
 from ladle.router.router import Route
 from ladle.router.upstream import Upstream, UpstreamError
 from ladle.sample.params import SamplingParams
+from ladle.server.accounting import Meter, Usage, check_allowed, metered
 from ladle.server.errors import APIError, ClientDisconnected, from_ladle_error, from_validation_error
 from ladle.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from ladle.server.state import ServerState
@@ -66,29 +67,21 @@ class Choice:
     prompt_logprobs: list | None = None  # completions with prompt logprobs: per prompt token (None first)
 
 
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-    def as_dict(self) -> dict:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-        }
-
-
 class Generation:
     """The engine jobs of one HTTP request, merged into one stream of (choice index, delta)."""
 
     def __init__(
-        self, state: ServerState, route: Route, jobs: list[GenerateRequest], n: int, queue_timeout_s: float | None
+        self,
+        state: ServerState,
+        route: Route,
+        jobs: list[GenerateRequest],
+        n: int,
+        queue_timeout_s: float | None,
+        meter: Meter,
     ):
         self.state = state
         self.route = route
+        self.meter = meter
         self.queue_timeout_s = queue_timeout_s
         self.model = route.name  # the model that answers, for metrics and the response
         # admitted against a TTFT target: not started by then, a job is dropped (429), not served late
@@ -98,6 +91,8 @@ class Generation:
         self.jobs = jobs
         self.n = n
         self.usage = Usage(prompt_tokens=sum(len(j.prompt_token_ids) for j in jobs))
+        meter.routed(route)
+        meter.usage = self.usage  # the row counts what the response tells
         self._cached: dict[int, int] = {}
         # made right after admission, before any await: the next request's admission sees these
         # jobs, though they reach the engine only once the response starts
@@ -135,9 +130,16 @@ class Generation:
         if self._rest is None:
             self._rest = self._merged()
         elif self._first is not None:
-            yield self._first
+            yield self._delivered(*self._first)
         async for item in self._rest:
-            yield item
+            yield self._delivered(*item)
+
+    def _delivered(self, index: int, out: RequestOutput) -> tuple[int, RequestOutput]:
+        """A delta handed to the response: its tokens count in the usage (a client that leaves
+        is charged what it was handed), its timings in the meter."""
+        self.usage.completion_tokens += len(out.new_token_ids)
+        self.meter.observe(index, out)
+        return index, out
 
     async def _merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         if len(self.jobs) == 1:
@@ -188,9 +190,9 @@ class Generation:
                 if out.new_token_ids and out.num_output_tokens > len(out.new_token_ids):
                     metrics.itl.labels(self.model).observe(now - last)
                 last = now
-                self.usage.completion_tokens += len(out.new_token_ids)
                 if out.index == 0:
                     self._cached[i] = out.num_cached_tokens
+                    self.usage.cached_tokens = sum(self._cached.values())
                 if out.finished:
                     num_finished += 1
                     metrics.observe_sample(self.model, out.metrics, out.num_output_tokens, out.finish_reason)
@@ -212,7 +214,6 @@ class Generation:
         )
 
     def finish(self) -> None:
-        self.usage.cached_tokens = sum(self._cached.values())
         u = self.usage
         self.state.metrics.observe_usage(self.model, u.prompt_tokens, u.cached_tokens, u.completion_tokens)
 
@@ -310,9 +311,10 @@ async def _ready(endpoint, params: SamplingParams) -> None:
         raise from_ladle_error(e) from None
 
 
-async def _prepare(request: Request, body, features: Features):
+async def _prepare(request: Request, body, features: Features, meter: Meter):
     """The server state and the model the request's name reaches (an `auto` router scores it)."""
     state = _state(request)
+    meter.requesting(body.model)
     problem = body.unsupported()
     if problem:
         param, message = problem
@@ -346,10 +348,11 @@ def _admit(request: Request, state: ServerState, pick, jobs: list[GenerateReques
     return route
 
 
-async def _proxy(request: Request, state: ServerState, route: Route, path: str) -> Response:
+async def _proxy(request: Request, state: ServerState, route: Route, path: str, meter: Meter) -> Response:
     """The request as it came, answered by an upstream: its body (or stream) unchanged, its usage
     counted under the upstream's name, and the route in the headers."""
     upstream = route.endpoint
+    meter.routed(route)
     try:
         forwarded = await upstream.forward(path, json.loads(await request.body()), route.requested)
     except UpstreamError as e:
@@ -359,10 +362,8 @@ async def _proxy(request: Request, state: ServerState, route: Route, path: str) 
     media_type = forwarded.headers.get("content-type", "application/json")
 
     def count() -> None:
-        usage = forwarded.usage
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        state.metrics.observe_usage(upstream.name, usage.get("prompt_tokens", 0), cached,
-                                    usage.get("completion_tokens", 0))  # fmt: skip
+        meter.usage = u = Usage.from_openai(forwarded.usage)  # what the upstream told the client
+        state.metrics.observe_usage(upstream.name, u.prompt_tokens, u.cached_tokens, u.completion_tokens)
 
     if isinstance(forwarded.body, bytes):
         count()
@@ -381,10 +382,11 @@ async def _proxy(request: Request, state: ServerState, route: Route, path: str) 
 # -- /v1/completions ------------------------------------------------------------------------------
 
 
-async def completions(request: Request) -> Response:
+@metered("/v1/completions")
+async def completions(request: Request, meter: Meter) -> Response:
     body: CompletionRequest = await parse_body(request, CompletionRequest)
     text = "\n".join(p for p in body.prompts() if isinstance(p, str))
-    state, pick = await _prepare(request, body, Features(text, 1, body.max_tokens))
+    state, pick = await _prepare(request, body, Features(text, 1, body.max_tokens), meter)
     endpoint = pick.endpoint
     try:
         body.check_max_tokens()
@@ -399,19 +401,19 @@ async def completions(request: Request) -> Response:
 
     if isinstance(endpoint, Upstream):  # the model is failing: its fallback answers
         _reserve_upstream(request, state, text, body.max_tokens)
-        return await _proxy(request, state, _admit(request, state, pick, []), "completions")
+        return await _proxy(request, state, _admit(request, state, pick, []), "completions", meter)
     await _ready(endpoint, params)
     prompts, jobs = prepared(endpoint)
     _reserve(request, state, endpoint, jobs)
     route = _admit(request, state, pick, jobs)
     if isinstance(route.endpoint, Upstream):
-        return await _proxy(request, state, route, "completions")
+        return await _proxy(request, state, route, "completions", meter)
     if route.endpoint is not endpoint:  # degraded: another model, maybe another tokenizer
         prompts, jobs = prepared(route.endpoint)
     tok = route.endpoint.tokenizer
     rid = f"cmpl-{request.state.request_id}"
     created = int(time.time())
-    gen = Generation(state, route, jobs, body.n, timeout_s)
+    gen = Generation(state, route, jobs, body.n, timeout_s, meter)
     echo = [tok.decode(ids, skip_special_tokens=False) if body.echo else "" for ids in prompts]
     num_choices = len(jobs) * body.n
     if body.stream:
@@ -511,6 +513,7 @@ async def _completion_stream(gen: Generation, rid, created, model, echo, body, t
                 chunk["usage"] = None
             yield _sse(chunk)
     except APIError as e:  # after the 200: the error travels as an event, as vLLM sends it
+        gen.meter.failed(e)
         yield _sse(e.body())
         yield "data: [DONE]\n\n"
         return
@@ -584,11 +587,13 @@ class ChatRun:
     tools: ToolPlan  # the request's tools for that model (none offered: reads no calls)
 
 
-async def start_chat(request: Request, body: ChatCompletionRequest, proxy_path: str | None) -> ChatRun | Response:
+async def start_chat(
+    request: Request, body: ChatCompletionRequest, proxy_path: str | None, meter: Meter
+) -> ChatRun | Response:
     """Route, render, admit and start a chat request (shared by the OpenAI and Anthropic APIs).
     A model that answers through an upstream is proxied at proxy_path (None: refused)."""
     text = "\n".join(m.content if isinstance(m.content, str) else "" for m in body.messages)
-    state, pick = await _prepare(request, body, Features(text, len(body.messages), body.output_limit))
+    state, pick = await _prepare(request, body, Features(text, len(body.messages), body.output_limit), meter)
     endpoint = pick.endpoint
     params = _sampling(body, body.output_limit, body.logprobs_count)
     timeout_s = _queue_timeout_s(state, body)
@@ -610,7 +615,7 @@ async def start_chat(request: Request, body: ChatCompletionRequest, proxy_path: 
             message = (f"the model `{route.name}` is answering through an OpenAI-compatible upstream, which this "
                        "API cannot reach: retry later, or use /v1/chat/completions")  # fmt: skip
             raise APIError(503, message, code="upstream_only")
-        return _proxy(request, state, route, proxy_path)
+        return _proxy(request, state, route, proxy_path, meter)
 
     if isinstance(endpoint, Upstream):
         _reserve_upstream(request, state, text, body.output_limit)
@@ -625,12 +630,13 @@ async def start_chat(request: Request, body: ChatCompletionRequest, proxy_path: 
     if route.endpoint is not endpoint:
         plan, ep_params = planned(route.endpoint)
         jobs = prepared(route.endpoint, plan, ep_params)
-    return ChatRun(Generation(state, route, jobs, body.n, timeout_s), route.endpoint.tokenizer, plan)
+    return ChatRun(Generation(state, route, jobs, body.n, timeout_s, meter), route.endpoint.tokenizer, plan)
 
 
-async def chat_completions(request: Request) -> Response:
+@metered("/v1/chat/completions")
+async def chat_completions(request: Request, meter: Meter) -> Response:
     body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
-    run = await start_chat(request, body, "chat/completions")
+    run = await start_chat(request, body, "chat/completions", meter)
     if isinstance(run, Response):
         return run
     gen, tok = run.gen, run.tok
@@ -643,26 +649,21 @@ async def chat_completions(request: Request) -> Response:
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **gen.headers},
         )
-    choices = await collect(request, gen, body.n)
-    return JSONResponse(
+    choices = [
         {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": gen.model,
-            "choices": [
-                {
-                    "index": c.index,
-                    **_chat_message(run.tools, c),
-                    "logprobs": {"content": _chat_logprobs(tok, c.logprobs)} if body.logprobs else None,
-                    "stop_reason": c.stop_reason,
-                }
-                for c in choices
-            ],
-            "usage": gen.usage.as_dict(),
-        },
+            "index": c.index,
+            **_chat_message(run.tools, c),
+            "logprobs": {"content": _chat_logprobs(tok, c.logprobs)} if body.logprobs else None,
+            "stop_reason": c.stop_reason,
+        }
+        for c in await collect(request, gen, body.n)
+    ]
+    meter.finished_as(0, choices[0]["finish_reason"])
+    return JSONResponse(
+        {"id": rid, "object": "chat.completion", "created": created, "model": gen.model, "choices": choices,
+         "usage": gen.usage.as_dict()},
         headers=gen.headers,
-    )
+    )  # fmt: skip
 
 
 def _chat_message(plan: ToolPlan, c: Choice) -> dict:
@@ -725,8 +726,10 @@ async def _chat_stream(run: ChatRun, rid, created, include_usage):
             if out.finished:
                 has_calls = index in extractors and extractors[index].num_calls > 0
                 reason = _finish_reason(out.finish_reason, has_calls)
+                gen.meter.finished_as(index, reason)
                 yield chunk(index, {}, finish_reason=reason, stop_reason=out.stop_reason)
     except APIError as e:  # after the 200: the error travels as an event
+        gen.meter.failed(e)
         yield _sse(e.body())
         yield "data: [DONE]\n\n"
         return
@@ -798,6 +801,7 @@ async def list_models(request: Request) -> Response:
 
 async def tokenize(request: Request) -> Response:
     body: TokenizeRequest = await parse_body(request, TokenizeRequest)
+    check_allowed(_state(request), _state(request).principal(request), body.model)
     endpoint = (await _state(request).resolve(body.model)).endpoint
     tok = endpoint.tokenizer
     if (body.prompt is None) == (body.messages is None):
@@ -812,6 +816,7 @@ async def tokenize(request: Request) -> Response:
 
 async def detokenize(request: Request) -> Response:
     body: DetokenizeRequest = await parse_body(request, DetokenizeRequest)
+    check_allowed(_state(request), _state(request).principal(request), body.model)
     endpoint = (await _state(request).resolve(body.model)).endpoint
     try:
         endpoint.tokenizer.validate_ids(body.tokens, param="tokens")

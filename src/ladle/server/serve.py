@@ -23,6 +23,7 @@ from ladle.metering.ledger import Ledger
 from ladle.metering.prometheus import ServerMetrics, TenantMetricsSink
 from ladle.metering.quotas import build_limiter
 from ladle.metering.store import Store
+from ladle.metering.usage_log import UsageLog
 from ladle.router.endpoint import Phase
 from ladle.router.registry import Registry
 from ladle.router.router import Router
@@ -157,7 +158,10 @@ def create_state(cfg: LadleConfig) -> ServerState:
     limiter = build_limiter(cfg.metering.redis, cfg.metering.redis_prefix)
     if not limiter.is_reachable():
         log.warning("the quota counters (--redis) do not answer: requests are admitted uncounted until they do")
-    state = ServerState(config=cfg, metrics=metrics, registry=registry, router=Router(cfg, registry), limiter=limiter)
+    sinks = [UsageLog(cfg.metering.usage_log)] if cfg.metering.usage_log else []
+    state = ServerState(
+        config=cfg, metrics=metrics, registry=registry, router=Router(cfg, registry), limiter=limiter, sinks=sinks
+    )
     state.sinks += [limiter, TenantMetricsSink(metrics, state.tenant_labels)]
     return state
 
