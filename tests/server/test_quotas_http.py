@@ -11,11 +11,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from ladle.config import CacheConfig, EngineConfig, LadleConfig, ModelConfig, ModelEntry, ServerConfig
-from ladle.metering.quotas import Limiter, MemoryCounters
+from ladle.metering.quotas import Limiter, MemoryCounters, plan
 from ladle.metering.tenants import Quota, Tenant, new_key
 from ladle.server.app import build_app
 from ladle.server.serve import create_state, make_lifespan
-from quota_helpers import row
 
 PROMPT = [5, 6, 7, 8, 9]  # 5 tokens + max_tokens 5: each request reserves 10
 TPM = 15
@@ -70,14 +69,29 @@ def test_a_tenant_at_its_tpm_limit_gets_429_with_retry_after(server):
     assert client.post("/v1/completions", json=body, headers=_auth(keys["b"])).status_code == 200
 
 
-def test_settling_gives_back_what_the_estimate_overcounted(server):
+def test_each_request_settles_its_reservation_to_what_it_used(server):
+    """The server's own usage row replaces the estimate (prompt + max_tokens) by the tokens the
+    client's usage says; one that ends early gives the rest back."""
     client, keys, state = server
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 5}
-    first = client.post("/v1/completions", json=body, headers={**_auth(keys["c"]), "X-Request-Id": "settle-1"})
+    counters, now_s = state.limiter.counters, state.limiter.clock()
+    (check,) = plan(state.limiter.prefix, state.directory.get("c"), 0, now_s)
+    first = client.post("/v1/completions", json=body, headers=_auth(keys["c"]))
     assert first.status_code == 200
-    assert client.post("/v1/completions", json=body, headers=_auth(keys["c"])).status_code == 429
-    state.record_usage(row("settle-1", "c", 5, 0))  # the row the request ends with: it used 5 of the 10 reserved
-    assert client.post("/v1/completions", json=body, headers=_auth(keys["c"])).status_code == 200
+    used = first.json()["usage"]["total_tokens"]
+    assert counters._get(check.key, now_s) == used  # settled: no longer the estimate of 10
+    assert client.post("/v1/completions", json=body, headers=_auth(keys["c"])).status_code == 429  # 10 + 10 > 15
+    assert counters._get(check.key, now_s) == used  # the refusal reserved nothing
+    # a request that stops at once (its EOS forced) keeps 6 of the 10 it reserved: 6 + 10 > 15 still,
+    # but with the rest given back tenant d (TPM 17) fits a second request, which the estimate would refuse
+    state.directory.put(Tenant("d", quota=Quota(tokens_per_minute=17)))
+    record, key_d = new_key("d")
+    state.directory.add_key(record)
+    stop = state.registry.resolve("tiny").tokenizer.stop_token_ids[0]
+    short = {**body, "logit_bias": {str(stop): 100}}
+    r = client.post("/v1/completions", json=short, headers=_auth(key_d))
+    assert r.status_code == 200 and r.json()["usage"]["total_tokens"] <= 6
+    assert client.post("/v1/completions", json=body, headers=_auth(key_d)).status_code == 200
 
 
 def test_chat_and_anthropic_messages_are_refused_in_their_formats(server):
