@@ -15,7 +15,6 @@ from pathlib import Path
 
 from ladle import __version__
 from ladle.config import (
-    POLICIES,
     QUANTIZATION_METHODS,
     TOOL_CALL_PARSERS,
     AdmissionConfig,
@@ -163,11 +162,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"requests running at once ({sc.max_num_seqs})",
     )
+    from ladle.engine.policy import POLICY_NAMES
+
     g.add_argument(
         "--scheduling-policy",
-        choices=POLICIES,
+        choices=POLICY_NAMES,
         default=sc.policy,
-        help="fcfs, or priority (lower value first, preempting higher values)",
+        help="fcfs; priority (lower value first, preempting higher values); or vtc: fair shares between "
+        f"tenants by their weights, interactive before batch (docs/tenants.md) ({sc.policy})",
     )
     from ladle.config import SPECULATIVE_METHODS, SpeculativeConfig
 
