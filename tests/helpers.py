@@ -42,13 +42,19 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`ladle serve` in a subprocess, as a user starts it."""
+    """`ladle serve` in a subprocess, as a user starts it. Unless the test gives --data-dir or
+    --database, its metering database is a fresh SQLite file under a temporary folder (never the
+    user's ~/.local/share/ladle, where a tenant made by one test would close every later server)."""
 
     def __init__(self, *args: str, ready_timeout_s: float = 180):
+        import tempfile
+
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = None if {"--data-dir", "--database"} & set(args) else tempfile.mkdtemp(prefix="ladle-data-")
+        metering = ("--data-dir", self.data_dir) if self.data_dir else ()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ladle", "serve", "--port", str(self.port), *args],
+            [sys.executable, "-m", "ladle", "serve", "--port", str(self.port), *metering, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -174,3 +180,23 @@ def wait_for_metric(server, name: str, value: float, timeout_s: float = 60, **la
     while server.metric(name, **labels) != value:
         assert time.monotonic() < deadline, f"{name}{labels} never reached {value}"
         time.sleep(0.02)
+
+
+# -- the metering APIs in process ------------------------------------------------------------------
+
+ADMIN = {"Authorization": "Bearer admin-secret"}  # the admin key of metered_state's server
+
+
+def metered_state(data_dir, **server):
+    """A ServerState with a SQLite store and a ledger and no models: enough for the admin tenants
+    and usage APIs under starlette's TestClient (or uvicorn in a thread). Close with close_sinks()."""
+    from ladle.config import LadleConfig, MeteringConfig, ServerConfig
+    from ladle.metering.prometheus import ServerMetrics
+    from ladle.metering.store import Store
+    from ladle.server.serve import attach_metering
+    from ladle.server.state import ServerState
+
+    cfg = LadleConfig(server=ServerConfig(admin_keys=("admin-secret",), **server),
+                      metering=MeteringConfig(data_dir=str(data_dir)))  # fmt: skip
+    state = ServerState(config=cfg, metrics=ServerMetrics(), registry=None, router=None)
+    return attach_metering(state, Store.open(cfg.metering))

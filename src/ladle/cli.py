@@ -22,6 +22,7 @@ from ladle.config import (
     CacheConfig,
     EngineConfig,
     LatencyTargets,
+    MeteringConfig,
     ModelConfig,
     ModelEntry,
     SchedulerConfig,
@@ -230,6 +231,41 @@ SERVER_FLAGS = {  # serve flag dest -> ServerConfig field: the flags that may ov
     "host": "host", "port": "port", "api_key": "api_keys", "admin_key": "admin_keys",
     "max_request_bytes": "max_request_bytes", "drain_timeout": "drain_timeout_s",
 }  # fmt: skip
+METERING_FLAGS = {  # serve flag dest -> MeteringConfig field: flags that may override a config file's `metering:`
+    "database": "database", "data_dir": "data_dir",
+}  # fmt: skip
+
+
+def _add_metering_args(srv: argparse.ArgumentParser) -> None:
+    m = MeteringConfig()
+    g = srv.add_argument_group("tenants and usage ledger (docs/tenants.md)")
+    g.add_argument(
+        "--database",
+        default=m.database,
+        metavar="URL",
+        help="where tenants, keys and usage rows live: sqlite:///FILE or postgresql://USER@HOST/DB "
+        "(default: DATA_DIR/ladle.db)",
+    )
+    g.add_argument(
+        "--data-dir", default=m.data_dir, metavar="DIR", help=f"folder of the default SQLite database ({m.data_dir})"
+    )
+    g.add_argument("--no-ledger", action="store_true", help="write no usage rows (tenants and keys still persist)")
+    g.add_argument(
+        "--share-prefix-cache",
+        action="store_true",
+        help="let tenants reuse each other's prefix-cache blocks (else salted per tenant, so none can time another's)",
+    )
+
+
+def _metering_config(args: argparse.Namespace, base: MeteringConfig, defaults: dict) -> MeteringConfig:
+    """base, with the metering flags given."""
+    given = {field: value for dest, field in METERING_FLAGS.items() if (value := getattr(args, dest)) != defaults[dest]}
+    return dataclasses.replace(
+        base,
+        ledger=base.ledger and not args.no_ledger,
+        share_prefix_cache=base.share_prefix_cache or args.share_prefix_cache,
+        **given,
+    )
 
 
 def _add_serve_args(srv: argparse.ArgumentParser) -> None:
@@ -255,7 +291,8 @@ def _add_serve_args(srv: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY",
-        help="bearer token of the admin API, /admin/models (repeatable); without one, no admin API",
+        help="bearer token of the admin API (/admin/models, /admin/tenants, /admin/keys; repeatable); "
+        "without one, no admin API",
     )
     g.add_argument(
         "--max-request-bytes",
@@ -373,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(srv)
     _add_engine_args(srv)
     _add_serve_args(srv)
+    _add_metering_args(srv)
     srv.set_defaults(func=_cmd_serve)
 
     conv = sub.add_parser("convert", help="write a model (GGUF or HF folder) as a plain Hugging Face folder")
@@ -563,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     bb.set_defaults(func=_cmd_bench_burst)
     _add_bench_embeddings(bench)
     _add_bench_fairness(bench)
+    from ladle.cli_admin import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
@@ -742,8 +783,9 @@ def _config_from_flags(args: argparse.Namespace, defaults: dict):
         enabled=not args.no_admission, max_queue_wait_s=args.max_queue_wait, queue_timeout_s=args.queue_timeout
     )
     server = _server_config(args, ServerConfig(), defaults)
+    metering = _metering_config(args, MeteringConfig(), defaults)
     if args.model_repository and args.model is None:  # the repository's tensor models alone
-        cfg = LadleConfig(server=server, admission=admission, model_repository=args.model_repository)
+        cfg = LadleConfig(server=server, admission=admission, metering=metering, model_repository=args.model_repository)
         return _with_tensor_models(cfg, ".", f"--model-repository {args.model_repository}")
     source = resolve_model(args.model, args.served_model_name)  # a bad path fails here, before binding
     entry = ModelEntry(
@@ -754,7 +796,9 @@ def _config_from_flags(args: argparse.Namespace, defaults: dict):
         tool_call_parser=args.tool_call_parser,
     )
     models = (entry, *_embedding_entry(args, taken=set(entry.names)))
-    cfg = LadleConfig(models=models, server=server, admission=admission, model_repository=args.model_repository)
+    cfg = LadleConfig(
+        models=models, server=server, admission=admission, metering=metering, model_repository=args.model_repository
+    )
     return _with_tensor_models(cfg, ".", f"--model-repository {args.model_repository}")
 
 
@@ -799,8 +843,9 @@ def _config_from_file(args: argparse.Namespace, defaults: dict):
     model_flags = sorted(
         f"--{dest.replace('_', '-')}"
         for dest, value in vars(args).items()
-        if dest in defaults and dest not in SERVER_FLAGS
-        and dest not in ("config", "no_warmup", "log_level", "no_admission", "model_repository")
+        if dest in defaults and dest not in SERVER_FLAGS and dest not in METERING_FLAGS
+        and dest not in ("config", "no_warmup", "log_level", "no_admission", "model_repository", "no_ledger",
+                         "share_prefix_cache")
         and value != defaults[dest]
     )  # fmt: skip
     if model_flags:
@@ -813,7 +858,12 @@ def _config_from_file(args: argparse.Namespace, defaults: dict):
     if not cfg.models:
         raise LadleError(f"{args.config}: the config declares no models (a `models:` list)")
     admission = dataclasses.replace(cfg.admission, enabled=False) if args.no_admission else cfg.admission
-    return dataclasses.replace(cfg, server=_server_config(args, cfg.server, defaults), admission=admission)
+    return dataclasses.replace(
+        cfg,
+        server=_server_config(args, cfg.server, defaults),
+        admission=admission,
+        metering=_metering_config(args, cfg.metering, defaults),
+    )
 
 
 def _cmd_bench_throughput(args: argparse.Namespace) -> int:

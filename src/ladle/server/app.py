@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ladle.metering.tenants import Principal
-from ladle.server import admin, anthropic_api, embeddings_api, kserve_api, openai_api
+from ladle.server import admin, anthropic_api, embeddings_api, kserve_api, openai_api, tenants_api, usage_api
 from ladle.server.errors import APIError, BodyTooLarge, ClientDisconnected
 from ladle.server.state import ServerPhase, ServerState
 
@@ -61,12 +61,15 @@ ROUTES = [
     Route("/v1/messages/count_tokens", anthropic_api.count_tokens, methods=["POST"]),
     Route("/tokenize", openai_api.tokenize, methods=["POST"]),
     Route("/detokenize", openai_api.detokenize, methods=["POST"]),
+    Route("/v1/usage", usage_api.usage, methods=["GET"]),
     Route("/admin/models", admin.list_models, methods=["GET"]),
     Route("/admin/models", admin.add_model, methods=["POST"]),
     Route("/admin/models/{name:path}", admin.remove_model, methods=["DELETE"]),
+    *tenants_api.routes(Route),
     *kserve_api.routes(Route),
 ]
 ROUTE_PATHS = {r.path for r in ROUTES}
+_ADMIN_TEMPLATES = [r for r in ROUTES if r.path.startswith("/admin/") and "{" in r.path]
 ADMIN_PREFIX = "/admin/"
 ADMIN_READABLE = {"/v1/usage"}  # user paths that also take the admin key (seeing every tenant)
 
@@ -75,8 +78,9 @@ def _route_label(path: str) -> str:
     """The route a path counts under in ladle_http_requests (templates, not model names)."""
     if path in ROUTE_PATHS:
         return path
-    if path.startswith(ADMIN_PREFIX):
-        return "/admin/models/{name}"
+    if path.startswith(ADMIN_PREFIX):  # a tenant's id or a model's name is no label value
+        found = next((r.path for r in _ADMIN_TEMPLATES if r.path_regex.match(path)), None)
+        return (found or "/admin/models/{name}").replace("{name:path}", "{name}")
     if path.startswith("/v2/repository/models/"):
         return "/v2/repository/models/{name}/" + path.rsplit("/", 1)[-1]
     if path.startswith("/v2/models/"):

@@ -19,7 +19,9 @@ import uvicorn
 
 from ladle.config import LadleConfig
 from ladle.engine.compute import ComputeLoop
+from ladle.metering.ledger import Ledger
 from ladle.metering.prometheus import ServerMetrics
+from ladle.metering.store import Store
 from ladle.router.endpoint import Phase
 from ladle.router.registry import Registry
 from ladle.router.router import Router
@@ -76,6 +78,7 @@ def make_lifespan(state: ServerState, server_ref: list):
             task.cancel()
             await state.registry.close()
             state.registry.compute.stop()
+            state.close_sinks()
 
     return lifespan
 
@@ -120,6 +123,17 @@ def _fail(state: ServerState, server_ref: list, message: str, code: int) -> None
         server_ref[0].should_exit = True
 
 
+def attach_metering(state: ServerState, store: Store) -> ServerState:
+    """The tenants loaded from the store, and the ledger writing to it (unless --no-ledger)."""
+    cfg = state.config.metering
+    state.store = store
+    state.directory = store.load_directory()
+    if cfg.ledger:
+        state.ledger = Ledger(state.store, cfg.flush_interval_s)
+        state.sinks.append(state.ledger)
+    return state
+
+
 def create_state(cfg: LadleConfig) -> ServerState:
     metrics = ServerMetrics()
     compute = ComputeLoop().start()
@@ -145,7 +159,8 @@ def run(cfg: LadleConfig, log_level: str = "info") -> int:
     # interval a busy loop makes the compute thread wait up to 5 ms each time it takes the GIL back
     # between two torch ops, which stretched an LLM step beside 64 embedding clients many times over.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    state = create_state(cfg)
+    store = Store.open(cfg.metering)  # a bad --database fails here, before any model loads
+    state = attach_metering(create_state(cfg), store)
     server_ref: list = []
     app = build_app(state, lifespan=make_lifespan(state, server_ref))
     uv_config = uvicorn.Config(

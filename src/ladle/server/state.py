@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
 import time
 from dataclasses import dataclass, field
 
 from ladle.config import LadleConfig
+from ladle.metering.ledger import Ledger
 from ladle.metering.prometheus import ServerMetrics
+from ladle.metering.store import Store
 from ladle.metering.tenants import Principal, TenantDirectory
 from ladle.metering.usage import UsageRecord, UsageSink
 from ladle.router.complexity import Features
@@ -17,6 +20,8 @@ from ladle.router.endpoint import Endpoint
 from ladle.router.registry import ModelNotFound, ModelUnavailable, Registry, WrongTask
 from ladle.router.router import Overloaded, Pick, Route, Router
 from ladle.server.errors import APIError
+
+log = logging.getLogger(__name__)
 
 
 class ServerPhase(enum.Enum):
@@ -38,10 +43,22 @@ class ServerState:
     exit_code: int = 0
     directory: TenantDirectory = field(default_factory=TenantDirectory)  # tenants and their keys
     sinks: list[UsageSink] = field(default_factory=list)  # each request's usage row goes to all of them
+    store: Store | None = None  # where tenants, keys and usage persist (None: nowhere, as in unit tests)
+    ledger: Ledger | None = None  # the sink writing usage rows to the store (None: --no-ledger)
 
     def record_usage(self, row: UsageRecord) -> None:
         for sink in self.sinks:
             sink.record(row)
+
+    def close_sinks(self) -> None:
+        """At shutdown, after the drain: every sink writes what it holds, then the store closes."""
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception:  # one sink's failure must not keep the others (or the store) open
+                log.exception("closing the usage sink %s failed", type(sink).__name__)
+        if self.store is not None:
+            self.store.close()
 
     @staticmethod
     def principal(request) -> Principal:

@@ -1,0 +1,1 @@
+"""Alembic migrations of the metering database (tenants, api_keys, usage); run by Store.open."""
