@@ -9,8 +9,9 @@ tenants through the admin API, `a` and `b` with their weights, and a key each. T
 3. backlog: both send `--backlog` requests at once: the output tokens each tenant received while
    both still had requests not yet started (both backlogged), against their weights' split.
 
-Every request streams `--output-len` tokens (ignore_eos) from a prompt of about `--input-len`
-words. Results: benchmarks/results/fairness-*.json and a plot.
+The server runs with --no-admission (the flood queues instead of meeting 429s). Every request
+streams `--output-len` tokens (ignore_eos) from a prompt of about `--input-len` words. Results:
+benchmarks/results/fairness-*.json and a plot.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def run_policy(opts: FairnessOptions, policy: str, log_dir: Path, stamp: str) ->
     command = [sys.executable, "-m", "ladle", "serve", "--port", str(opts.port), "--served-model-name", MODEL,
                "--scheduling-policy", policy, "--admin-key", admin_key, "--data-dir", data_dir,
                "--max-num-seqs", str(opts.max_num_seqs), "--max-model-len", "2048",
-               "--kv-cache-memory", "0.5"]  # fmt: skip
+               "--kv-cache-memory", "0.5", "--no-admission"]  # fmt: skip (the flood queues: no 429s)
     if opts.model:
         command += ["--model", opts.model]
     server = RunningServer(System(policy, command, "/ready"), opts.port, log_dir / f"fairness-{stamp}-{policy}.log")
@@ -206,6 +207,7 @@ def main(opts: FairnessOptions) -> int:
         report[policy] = {**summarize(runs[policy], opts), "wall_s": round(time.perf_counter() - started, 1)}
         print(policy, json.dumps(report[policy]))
     report["load_average_at_end"] = os.getloadavg()
+    report["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")  # the servers inherit it
     report["requests"] = {p: [asdict(r) for r in rs] for p, rs in runs.items()}
     path = results / f"fairness-{stamp}.json"
     path.write_text(json.dumps(report, indent=2))

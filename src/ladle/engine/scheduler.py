@@ -168,8 +168,11 @@ class Scheduler:
                 continue  # preempted into the queue during this loop
             if budget <= 0:
                 break
-            if len(self.running) >= self.config.max_num_seqs and not self._free_a_seq(request, scheduled, out):
-                break
+            seq_victim = None  # at max_num_seqs: the running request the newcomer would replace
+            if len(self.running) >= self.config.max_num_seqs:
+                seq_victim = self._seq_victim(request)
+                if seq_victim is None:
+                    break
             holds_blocks = bool(self.kv.tables.get(request.request_id))  # a fork of a running prompt
             # one that wants its prompt's logprobs computes the whole prompt: no lookup, no wait
             computes_all = holds_blocks or request.needs_prompt_logprobs
@@ -180,6 +183,10 @@ class Scheduler:
             num = request.num_tokens - computed
             if num > budget and not self.config.enable_chunked_prefill:
                 break
+            if seq_victim is not None:
+                dropped = scheduled.get(seq_victim.request_id)
+                self._preempt(seq_victim, scheduled, out)
+                budget += dropped.num_tokens if dropped is not None else 0  # its chunk is not computed
             num = min(num, budget)
             if not self._allocate_for_admission(request, num, prefix, scheduled, out):
                 break  # no memory: later arrivals may not overtake it
@@ -195,16 +202,13 @@ class Scheduler:
             scheduled[request.request_id] = ScheduledChunk(request, num, self.kv.block_ids(request.request_id))
         return budget
 
-    def _free_a_seq(self, request: Request, scheduled, out) -> bool:
-        """At max_num_seqs: preempt a running request for the newcomer where the policy takes
-        sequence slots as well as blocks (vtc: for a tenant served far less)."""
+    def _seq_victim(self, request: Request) -> Request | None:
+        """At max_num_seqs: the running request the newcomer may replace, where the policy takes
+        sequence slots as well as blocks (vtc: for a tenant served far less); None: it waits."""
         if not self.policy.preempts_for_seqs or not self.running:
-            return False
+            return None
         victim = self._pick_victim()
-        if not self.policy.may_preempt(request, victim):
-            return False
-        self._preempt(victim, scheduled, out)
-        return True
+        return victim if self.policy.may_preempt(request, victim) else None
 
     def _allocate_for_admission(self, request, num, prefix: CachedPrefix | None, scheduled, out) -> bool:
         """Blocks for a newcomer: it preempts running requests while the policy lets it (the priority
