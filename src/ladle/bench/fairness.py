@@ -174,10 +174,11 @@ def summarize(records: list[Sent], opts: FairnessOptions) -> dict:
 def run_policy(opts: FairnessOptions, policy: str, log_dir: Path, stamp: str) -> list[Sent]:
     admin_key = "admin-" + secrets.token_hex(8)
     data_dir = tempfile.mkdtemp(prefix="ladle-fairness-")
+    # --no-admission: the flood queues instead of meeting 429s
     command = [sys.executable, "-m", "ladle", "serve", "--port", str(opts.port), "--served-model-name", MODEL,
                "--scheduling-policy", policy, "--admin-key", admin_key, "--data-dir", data_dir,
                "--max-num-seqs", str(opts.max_num_seqs), "--max-model-len", "2048",
-               "--kv-cache-memory", "0.5", "--no-admission"]  # fmt: skip (the flood queues: no 429s)
+               "--kv-cache-memory", "0.5", "--no-admission"]  # fmt: skip
     if opts.model:
         command += ["--model", opts.model]
     server = RunningServer(System(policy, command, "/ready"), opts.port, log_dir / f"fairness-{stamp}-{policy}.log")
