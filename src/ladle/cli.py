@@ -15,7 +15,6 @@ from pathlib import Path
 
 from ladle import __version__
 from ladle.config import (
-    POLICIES,
     QUANTIZATION_METHODS,
     RUNTIMES,
     TOOL_CALL_PARSERS,
@@ -165,11 +164,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"requests running at once ({sc.max_num_seqs})",
     )
+    from ladle.engine.policy import POLICY_NAMES
+
     g.add_argument(
         "--scheduling-policy",
-        choices=POLICIES,
+        choices=POLICY_NAMES,
         default=sc.policy,
-        help="fcfs, or priority (lower value first, preempting higher values)",
+        help="fcfs; priority (lower value first, preempting higher values); or vtc: fair shares between "
+        f"tenants by their weights, interactive before batch (docs/tenants.md) ({sc.policy})",
     )
     from ladle.config import SPECULATIVE_METHODS, SpeculativeConfig
 
@@ -626,10 +628,56 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--results-dir", default=d.results_dir, metavar="DIR")
     bb.set_defaults(func=_cmd_bench_burst)
     _add_bench_embeddings(bench)
+    _add_bench_fairness(bench)
     from ladle.cli_admin import add_parsers
 
     add_parsers(sub)
     return parser
+
+
+def _add_bench_fairness(bench) -> None:
+    from ladle.bench.fairness import FairnessOptions
+
+    d = FairnessOptions()
+    bf = bench.add_parser(
+        "fairness", help="two tenants (a floods, b trickles; then both backlogged) under each scheduling policy"
+    )
+    bf.add_argument("--model", "-m", default=None, metavar="PATH", help="default: the embedded model")
+    bf.add_argument("--policies", default=",".join(d.policies), help=f"comma-separated ({','.join(d.policies)})")
+    bf.add_argument("--flood", type=int, default=d.flood, metavar="N", help=f"a's requests at once ({d.flood})")
+    bf.add_argument(
+        "--trickle", type=int, default=d.trickle, metavar="N", help=f"b's, one per --interval ({d.trickle})"
+    )
+    bf.add_argument("--interval", type=float, default=d.interval_s, metavar="S", help=f"({d.interval_s:g} s)")
+    bf.add_argument("--backlog", type=int, default=d.backlog, metavar="N", help=f"each tenant's, at once ({d.backlog})")
+    bf.add_argument("--idle-requests", type=int, default=d.idle_requests, metavar="N", help=f"({d.idle_requests})")
+    bf.add_argument("--input-len", type=int, default=d.input_len, metavar="N", help=f"({d.input_len})")
+    bf.add_argument("--output-len", type=int, default=d.output_len, metavar="N", help=f"({d.output_len})")
+    bf.add_argument("--weight-a", type=float, default=d.weight_a, help=f"({d.weight_a:g})")
+    bf.add_argument("--weight-b", type=float, default=d.weight_b, help=f"({d.weight_b:g})")
+    bf.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, metavar="N", help=f"({d.max_num_seqs})")
+    bf.add_argument("--port", type=int, default=d.port, help=f"({d.port})")
+    bf.add_argument("--seed", type=int, default=d.seed)
+    bf.add_argument("--results-dir", default=d.results_dir, metavar="DIR")
+    bf.set_defaults(func=_cmd_bench_fairness)
+
+
+def _cmd_bench_fairness(args: argparse.Namespace) -> int:
+    from ladle.bench.fairness import FairnessOptions, main
+    from ladle.engine.policy import POLICY_NAMES
+
+    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+    unknown = [p for p in policies if p not in POLICY_NAMES]
+    if unknown or not policies:
+        raise LadleError(f"--policies: unknown {unknown} (choose from {', '.join(POLICY_NAMES)})")
+    if min(args.flood, args.trickle, args.backlog, args.idle_requests, args.output_len) < 1:
+        raise LadleError("--flood, --trickle, --backlog, --idle-requests and --output-len must be at least 1")
+    return main(FairnessOptions(
+        model=args.model, policies=policies, flood=args.flood, trickle=args.trickle, interval_s=args.interval,
+        backlog=args.backlog, idle_requests=args.idle_requests, input_len=args.input_len, output_len=args.output_len,
+        weight_a=args.weight_a, weight_b=args.weight_b, max_num_seqs=args.max_num_seqs, port=args.port,
+        seed=args.seed, results_dir=args.results_dir,
+    ))  # fmt: skip
 
 
 def _add_bench_embeddings(bench) -> None:

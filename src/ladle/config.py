@@ -61,7 +61,7 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # tokens computed per step, all requests together
     max_num_seqs: int = 64  # requests running at once
-    policy: str = "fcfs"  # "fcfs" or "priority" (lower value first, preempting higher values)
+    policy: str = "vtc"  # POLICIES: "fcfs", "priority" (lower value first, preempting) or "vtc" (fair by tenant)
     enable_chunked_prefill: bool = True  # a prompt longer than the budget computes over several steps
 
     def __post_init__(self):

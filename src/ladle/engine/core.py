@@ -125,6 +125,7 @@ class EngineCore:
         self.pending_forks: dict[str, list[Request]] = {}  # first sample's id → samples waiting to share its prompt
         self.pending_outputs: list[RequestOutput] = []  # aborts, reported by the next step
         self.stats = EngineStats(num_kv_blocks=num_blocks)
+        self.clock = time.perf_counter  # times each step's compute (a test may give a fake one)
         self._owner: tuple[int, str] | None = None  # (thread id, who) of the thread that drives the engine
         # seeds for sampled requests that bring none: every draw then comes from (seed, position),
         # so a draft model's guesses and the verification share their uniforms
@@ -280,7 +281,9 @@ class EngineCore:
         ends = [c.samples for c in sched.chunks]  # the chunk reaches the request's last token
         samples = [e and c.request.params.max_tokens != 0 for c, e in zip(sched.chunks, ends, strict=True)]
         batch = StepBatch([self._step_request(c, s) for c, s in zip(sched.chunks, samples, strict=True)])
+        started = self.clock()
         result: StepResult = self.executor.execute_step(batch)
+        self._charge_engine_time(sched.chunks, self.clock() - started, sched.num_batched_tokens)
         k = 0
         for chunk, sampled, ended, asked in zip(sched.chunks, samples, ends, batch.requests, strict=True):
             request = chunk.request
@@ -311,6 +314,12 @@ class EngineCore:
             self._propose()
         self._update_gauges()
         return [o for o in outputs if o is not None]
+
+    @staticmethod
+    def _charge_engine_time(chunks: list[ScheduledChunk], duration_s: float, num_tokens: int) -> None:
+        """Split a step's compute among its requests by the tokens each had in it."""
+        for chunk in chunks:
+            chunk.request.engine_time_s += duration_s * chunk.num_tokens / num_tokens
 
     def _count_verified(self, request: Request, num_spec: int, accepted: int) -> None:
         s = self.stats

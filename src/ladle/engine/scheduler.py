@@ -4,8 +4,10 @@ Each step has a token budget (`max_num_batched_tokens`) and a cap on running req
 (`max_num_seqs`). Running requests come first, decodes before prefill chunks, so a long prompt
 never freezes the streams of others; then waiting requests are admitted while budget, sequence
 slots and KV blocks last, a prompt that does not fit in the budget computing in chunks over
-several steps. When the KV cache runs out, the lowest-priority (under FCFS: the newest) running
-request is preempted: its blocks are freed and it goes back to the queue to be recomputed later.
+several steps. When the KV cache runs out, a running request is preempted: its blocks are freed
+and it goes back to the queue to be recomputed later. Which waiting request goes first, which
+running one gives way and whether a newcomer may preempt is the policy's call (engine/policy.py:
+fcfs, priority, vtc); the scheduler tells it what each step computed.
 
 The output of a step is, per request, the number of tokens to compute: prefill, chunked prefill
 and decode look the same. A decode that carries speculative guesses (`request.spec_token_ids`)
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 from ladle.config import SchedulerConfig
 from ladle.engine.kv_manager import CachedPrefix, KVCacheManager
+from ladle.engine.policy import create_policy
 from ladle.engine.request import Request, RequestStatus
 
 
@@ -35,6 +38,16 @@ class ScheduledChunk:
     def samples(self) -> bool:
         """The chunk reaches the request's last known token, so the step samples its next one."""
         return self.request.num_computed_tokens + self.num_tokens - self.num_spec == self.request.num_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Positions of the chunk that sample a token: the last one and each guess (0: a prefill chunk)."""
+        return self.num_spec + 1 if self.samples else 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Positions computed to fill the cache only: prompt, or outputs recomputed after a preemption."""
+        return self.num_tokens - self.num_output_tokens
 
 
 @dataclass
@@ -55,11 +68,16 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.policy = create_policy(config.policy)
+        self._in_system: set[str] = set()  # ids added and not yet removed (the policy hears each once)
 
     # -- queue ---------------------------------------------------------------------------------
 
     def add(self, request: Request, front: bool = False) -> None:
         request.status = RequestStatus.WAITING
+        if request.request_id not in self._in_system:
+            self._in_system.add(request.request_id)
+            self.policy.on_arrival(request)
         if front:
             self.waiting.appendleft(request)
         else:
@@ -72,6 +90,9 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.kv.forget(request)
+        if request.request_id in self._in_system:
+            self._in_system.discard(request.request_id)
+            self.policy.on_finished(request)
 
     @property
     def num_waiting(self) -> int:
@@ -107,6 +128,7 @@ class Scheduler:
             budget = self._admit_waiting(budget, scheduled, out)
         out.chunks = list(scheduled.values())
         out.num_batched_tokens = sum(c.num_tokens for c in out.chunks)
+        self.policy.on_scheduled(out.chunks)
         return out
 
     def _fit_guesses(self, request: Request, budget: int) -> int:
@@ -127,9 +149,7 @@ class Scheduler:
         return True
 
     def _pick_victim(self) -> Request:
-        if self.config.policy == "priority":
-            return max(self.running, key=lambda r: (r.priority, r.arrival_s))
-        return self.running[-1]  # FCFS: the newest
+        return self.policy.pick_victim(self.running)
 
     def _preempt(self, victim: Request, scheduled: dict[str, ScheduledChunk], out: SchedulerOutput) -> None:
         self.running.remove(victim)
@@ -142,17 +162,17 @@ class Scheduler:
         out.preempted.append(victim)
         self.add(victim, front=True)
 
-    def _waiting_in_order(self) -> list[Request]:
-        if self.config.policy == "priority":
-            return sorted(self.waiting, key=lambda r: (r.priority, r.arrival_s))
-        return list(self.waiting)
-
     def _admit_waiting(self, budget: int, scheduled: dict[str, ScheduledChunk], out: SchedulerOutput) -> int:
-        for request in self._waiting_in_order():
-            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
-                break
+        for request in self.policy.order(list(self.waiting)):
             if request.status != RequestStatus.WAITING:
                 continue  # preempted into the queue during this loop
+            if budget <= 0:
+                break
+            seq_victim = None  # at max_num_seqs: the running request the newcomer would replace
+            if len(self.running) >= self.config.max_num_seqs:
+                seq_victim = self._seq_victim(request)
+                if seq_victim is None:
+                    break
             holds_blocks = bool(self.kv.tables.get(request.request_id))  # a fork of a running prompt
             # one that wants its prompt's logprobs computes the whole prompt: no lookup, no wait
             computes_all = holds_blocks or request.needs_prompt_logprobs
@@ -163,6 +183,10 @@ class Scheduler:
             num = request.num_tokens - computed
             if num > budget and not self.config.enable_chunked_prefill:
                 break
+            if seq_victim is not None:
+                dropped = scheduled.get(seq_victim.request_id)
+                self._preempt(seq_victim, scheduled, out)
+                budget += dropped.num_tokens if dropped is not None else 0  # its chunk is not computed
             num = min(num, budget)
             if not self._allocate_for_admission(request, num, prefix, scheduled, out):
                 break  # no memory: later arrivals may not overtake it
@@ -178,14 +202,22 @@ class Scheduler:
             scheduled[request.request_id] = ScheduledChunk(request, num, self.kv.block_ids(request.request_id))
         return budget
 
+    def _seq_victim(self, request: Request) -> Request | None:
+        """At max_num_seqs: the running request the newcomer may replace, where the policy takes
+        sequence slots as well as blocks (vtc: for a tenant served far less); None: it waits."""
+        if not self.policy.preempts_for_seqs or not self.running:
+            return None
+        victim = self._pick_victim()
+        return victim if self.policy.may_preempt(request, victim) else None
+
     def _allocate_for_admission(self, request, num, prefix: CachedPrefix | None, scheduled, out) -> bool:
-        """Blocks for a newcomer. Under the priority policy it may preempt running requests of a
-        lower priority (a higher value); under FCFS it waits for blocks to free up."""
+        """Blocks for a newcomer: it preempts running requests while the policy lets it (the priority
+        policy: those of a higher priority value), else it waits for blocks to free up."""
         while not self.kv.allocate(request, num, prefix):
-            if self.config.policy != "priority" or not self.running:
+            if not self.running:
                 return False
             victim = self._pick_victim()
-            if (victim.priority, victim.arrival_s) <= (request.priority, request.arrival_s):
+            if not self.policy.may_preempt(request, victim):
                 return False
             self._preempt(victim, scheduled, out)
         return True

@@ -166,3 +166,13 @@ class TenantDirectory:
         if quota is not None:
             changes["quota"] = replace(tenant.quota, **quota) if isinstance(quota, dict) else quota
         return replace(tenant, **changes)
+
+
+def prefix_cache_salt(tenant_id: str, request_salt: str | None, share: bool) -> str | None:
+    """The engine's cache_salt for a tenant's request: the tenant's id with the request's own salt,
+    so no tenant hits (and can time) another's prefix-cache blocks; only the request's salt where
+    the config shares the cache (metering.share_prefix_cache), and for the default tenant, whose
+    unsalted requests stay as they were before tenants existed."""
+    if share or tenant_id == DEFAULT_TENANT:
+        return request_salt
+    return f"tenant:{tenant_id}" if request_salt is None else f"tenant:{tenant_id}\x00{request_salt}"

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from ladle.engine.outputs import RequestOutput
 from ladle.engine.request import GenerateRequest
 from ladle.errors import InvalidRequestError, LadleError
+from ladle.metering.tenants import DEFAULT_TENANT, prefix_cache_salt
 from ladle.router.complexity import Features
 from ladle.router.router import Route
 from ladle.router.upstream import Upstream, UpstreamError
@@ -279,13 +280,28 @@ def _queue_timeout_s(state: ServerState, body) -> float | None:
     return body.queue_timeout if body.queue_timeout is not None else state.config.admission.queue_timeout_s
 
 
+def _tenancy(request: Request, state: ServerState, body) -> dict:
+    """What the engine needs to know of who sent the request: its tenant and weight (fair
+    scheduling), its priority (the tenant's class; the body's field for the default tenant, as
+    before tenants) and its prefix-cache salt (per tenant unless the config shares the cache)."""
+    tenant = state.principal(request).tenant
+    is_default = tenant.id == DEFAULT_TENANT
+    return {
+        "tenant": tenant.id,
+        "weight": tenant.weight,
+        "priority": body.priority if is_default else tenant.priority,
+        "cache_salt": prefix_cache_salt(tenant.id, body.cache_salt, state.config.metering.share_prefix_cache),
+    }
+
+
 def _jobs(
-    endpoint, prompts: list[list[int]], params: SamplingParams, body, timeout_s: float | None
+    endpoint, prompts: list[list[int]], params: SamplingParams, tenancy: dict, timeout_s: float | None
 ) -> list[GenerateRequest]:
+    """One job per prompt; `tenancy` (_tenancy) gives tenant, weight, priority and cache_salt."""
     jobs = []
     deadline = time.monotonic() + timeout_s if timeout_s is not None else None
     for ids in prompts:
-        job = GenerateRequest(f"{uuid.uuid4().hex}", ids, params, body.priority, body.cache_salt, deadline)
+        job = GenerateRequest(f"{uuid.uuid4().hex}", ids, params, deadline_s=deadline, **tenancy)
         try:
             endpoint.validate(ids, params)
         except LadleError as e:
@@ -394,10 +410,11 @@ async def completions(request: Request, meter: Meter) -> Response:
         raise from_ladle_error(e) from None
     params = _sampling(body, body.max_tokens, body.logprobs, body.prompt_logprobs_count)
     timeout_s = _queue_timeout_s(state, body)
+    tenancy = _tenancy(request, state, body)
 
     def prepared(ep):  # the prompts in this endpoint's tokens, and their jobs
         prompts = [ep.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
-        return prompts, _jobs(ep, prompts, params, body, timeout_s)
+        return prompts, _jobs(ep, prompts, params, tenancy, timeout_s)
 
     if isinstance(endpoint, Upstream):  # the model is failing: its fallback answers
         _reserve_upstream(request, state, text, body.max_tokens)
@@ -597,6 +614,7 @@ async def start_chat(
     endpoint = pick.endpoint
     params = _sampling(body, body.output_limit, body.logprobs_count)
     timeout_s = _queue_timeout_s(state, body)
+    tenancy = _tenancy(request, state, body)
 
     def planned(ep):  # the request's tools for this endpoint, and its sampling with their grammar
         plan = tool_plan(ep, body.tools, body.tool_choice, body.parallel_tool_calls)
@@ -608,7 +626,7 @@ async def start_chat(
 
     def prepared(ep, plan, ep_params):  # the conversation in this endpoint's chat template and tokens, as one job
         prompt = chat_prompt(ep, body.messages, plan, body.add_generation_prompt, body.chat_template_kwargs)
-        return _jobs(ep, [prompt], ep_params, body, timeout_s)
+        return _jobs(ep, [prompt], ep_params, tenancy, timeout_s)
 
     def upstream(route):
         if proxy_path is None:
