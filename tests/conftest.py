@@ -41,7 +41,7 @@ def embedded_fp32(embedded_source):
 @pytest.fixture(scope="session")
 def embedded_server():
     """`ladle serve` on the embedded model, as `make serve` starts it (smaller cache and context)."""
-    server = ServerProcess("--max-model-len", "2048", "--kv-cache-memory", "0.5")
+    server = ServerProcess("--max-model-len", "2048", "--kv-cache-memory", "0.5", embeddings=True)
     yield server
     server.stop()
 

@@ -44,15 +44,20 @@ def free_port() -> int:
 class ServerProcess:
     """`ladle serve` in a subprocess, as a user starts it. Unless the test gives --data-dir or
     --database, its metering database is a fresh SQLite file under a temporary folder (never the
-    user's ~/.local/share/ladle, where a tenant made by one test would close every later server)."""
+    user's ~/.local/share/ladle, where a tenant made by one test would close every later server).
+    It serves the LLM alone (--no-embedding-model: loading MiniLM beside every test server would
+    cost the suite minutes) unless `embeddings`, an --embedding-* flag or a --config says otherwise."""
 
-    def __init__(self, *args: str, ready_timeout_s: float = 180):
+    def __init__(self, *args: str, ready_timeout_s: float = 180, embeddings: bool = False):
         import tempfile
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = None if {"--data-dir", "--database"} & set(args) else tempfile.mkdtemp(prefix="ladle-data-")
         metering = ("--data-dir", self.data_dir) if self.data_dir else ()
+        chosen = embeddings or any(a.startswith(("--embedding", "--no-embedding", "--config")) for a in args)
+        if not chosen:
+            metering += ("--no-embedding-model",)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ladle", "serve", "--port", str(self.port), *metering, *args],
             stdout=subprocess.PIPE,

@@ -114,8 +114,7 @@ def test_repository_index_unload_and_load(client):
     with pytest.raises(triton.InferenceServerException, match="unloaded through the model repository API"):
         client.infer("iris8", [x])
     client.load_model("iris8")
-    assert client.is_model_ready("iris8")
-    assert client.infer("iris8", [x]).as_numpy("label").shape == (3,)
+    assert client.is_model_ready("iris8")  # (an infer would wait for a batch of 8: the late model's test infers)
     with pytest.raises(triton.InferenceServerException, match="does not exist"):
         client.load_model("nope")
 

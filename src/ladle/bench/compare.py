@@ -64,7 +64,18 @@ def ladle_system(label: str, model: str | None, port: int, extra: list[str], che
         if not (src / "ladle").is_dir():
             raise LadleError(f"{checkout} is not a Ladle checkout: no src/ladle in it")
         env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [os.environ.get("PYTHONPATH")])])
+    if _serves_embeddings(checkout):  # the LLM alone, as the peers serve it
+        command.append("--no-embedding-model")
     return System(label, command + extra, "/ready", env)
+
+
+def _serves_embeddings(checkout: Path | None) -> bool:
+    """Whether that checkout's `ladle serve` loads an embedding model beside the LLM (it has the
+    --no-embedding-model flag); this one does."""
+    if checkout is None:
+        return True
+    cli = checkout.expanduser().resolve() / "src" / "ladle" / "cli.py"
+    return cli.is_file() and "--no-embedding-model" in cli.read_text(encoding="utf-8")
 
 
 def peer_system(peer: str, model: str | None, port: int) -> System:

@@ -178,7 +178,7 @@ def run_policy(opts: FairnessOptions, policy: str, log_dir: Path, stamp: str) ->
     command = [sys.executable, "-m", "ladle", "serve", "--port", str(opts.port), "--served-model-name", MODEL,
                "--scheduling-policy", policy, "--admin-key", admin_key, "--data-dir", data_dir,
                "--max-num-seqs", str(opts.max_num_seqs), "--max-model-len", "2048",
-               "--kv-cache-memory", "0.5", "--no-admission"]  # fmt: skip
+               "--kv-cache-memory", "0.5", "--no-admission", "--no-embedding-model"]  # fmt: skip
     if opts.model:
         command += ["--model", opts.model]
     server = RunningServer(System(policy, command, "/ready"), opts.port, log_dir / f"fairness-{stamp}-{policy}.log")
