@@ -1,5 +1,5 @@
 """`ladle bench compare`: each system started in turn, the same workload through the same load
-generator, one table with the ratios; here Ladle on the embedded model against Ladle with int8 weights run from a
+generator, one table with the ratios; here Ladle on a tiny model against Ladle with int8 weights run from a
 checkout's path, two rounds each (vLLM is too heavy for the suite: its run is recorded in benchmarks/results)."""
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_compare_two_ladle_configurations(tmp_path):
+def test_compare_two_ladle_configurations(tmp_path, tiny_models):
     result = run_ladle(
         "bench",
         "compare",
+        "--model",
+        str(tiny_models["llama"].gguf_path),
         "--peers",
         f"ladle@{ROOT}:--quantization int8",
         "--rounds",
