@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 from ladle.engine.outputs import RequestOutput
+from ladle.metering.tenants import DEFAULT_TENANT
 from ladle.metering.usage import UsageRecord
 from ladle.router.router import Route
 from ladle.server.errors import APIError, ClientDisconnected
@@ -126,7 +127,7 @@ class Meter:
         self.row = UsageRecord(
             time_s=self.arrival_s,
             request_id=self.request_id,
-            tenant=p.tenant.id if p is not None else "default",
+            tenant=p.tenant.id if p is not None else DEFAULT_TENANT,
             key_id=p.key_id if p is not None else None,
             api=self.api,
             model_requested=self.requested,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
@@ -97,3 +99,15 @@ def from_ladle_error(e: LadleError) -> APIError:
     param = e.param if isinstance(e, InvalidRequestError) else None
     code = "context_length_exceeded" if "context length" in str(e) else "invalid_value"
     return APIError(400, str(e), param=param, code=code)
+
+
+async def read_json_object(request) -> dict:
+    """The request's body as a JSON object, or the 400 (invalid_json) that says what is wrong."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return data

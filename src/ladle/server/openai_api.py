@@ -27,7 +27,13 @@ from ladle.router.router import Route
 from ladle.router.upstream import Upstream, UpstreamError
 from ladle.sample.params import SamplingParams
 from ladle.server.accounting import Meter, Usage, check_allowed, metered
-from ladle.server.errors import APIError, ClientDisconnected, from_ladle_error, from_validation_error
+from ladle.server.errors import (
+    APIError,
+    ClientDisconnected,
+    from_ladle_error,
+    from_validation_error,
+    read_json_object,
+)
 from ladle.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from ladle.server.state import ServerState
 from ladle.server.tool_parsers import StreamingToolExtractor, ToolCallDelta, new_call_id
@@ -41,13 +47,7 @@ def _state(request: Request) -> ServerState:
 
 
 async def parse_body(request: Request, model: type[BaseModel]):
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    data = await read_json_object(request)
     try:
         return model.model_validate(data)
     except ValidationError as e:

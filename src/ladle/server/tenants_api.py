@@ -16,7 +16,6 @@ server's directory, so what authentication reads is never ahead of the database.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -26,7 +25,7 @@ from ladle.config_file import ConfigFileError, from_options
 from ladle.errors import LadleError
 from ladle.metering.store import Conflict, NotFound, Store
 from ladle.metering.tenants import KeyRecord, Tenant, new_key
-from ladle.server.errors import APIError
+from ladle.server.errors import APIError, read_json_object
 from ladle.server.state import ServerState
 
 TENANT_FIELDS = ("id", "models", "priority_class", "weight", "quota")  # what a request body may set
@@ -64,16 +63,9 @@ async def _call(fn, *args):
 
 
 async def _body(request: Request, required: bool = True) -> dict:
-    raw = await request.body()
-    if not raw and not required:
+    if not required and not await request.body():
         return {}
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_value")
-    return data
+    return await read_json_object(request)
 
 
 def _tenant_from(data: dict) -> Tenant:
