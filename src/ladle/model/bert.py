@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ladle.errors import ModelLoadError
+from ladle.model.sentence import pad_batch
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
@@ -271,13 +272,7 @@ class SentenceEncoder:
     @torch.inference_mode()
     def embed(self, batch: list[list[int]]) -> np.ndarray:
         """One vector per id list, padded to the longest of the batch: float32 [B, H]."""
-        longest = max(len(ids) for ids in batch)
-        ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, item in enumerate(batch):
-            ids[row, : len(item)] = torch.tensor(item, dtype=torch.long)
-            mask[row, : len(item)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = (torch.from_numpy(a).to(self.device) for a in pad_batch(batch, self.pad_token_id))
         vectors = pool(self.model(ids, mask), mask, self.pooling_mode).float()
         if self.normalize:
             vectors = F.normalize(vectors, p=2.0, dim=1)

@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import tokenizers
 
 from ladle.errors import ModelLoadError
@@ -92,3 +93,14 @@ class SentenceTokenizer:
         if self.sep_token_id is not None and ids[-1] == self.sep_token_id and limit >= 2:
             return [*ids[: limit - 1], self.sep_token_id]
         return ids[:limit]
+
+
+def pad_batch(batch: list[list[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Id lists padded to the longest: ids and attention mask (1 for tokens), int64 [B, T]."""
+    longest = max(len(ids) for ids in batch)
+    ids = np.full((len(batch), longest), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(batch), longest), dtype=np.int64)
+    for row, item in enumerate(batch):
+        ids[row, : len(item)] = item
+        mask[row, : len(item)] = 1
+    return ids, mask

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ladle.errors import LadleError
+from ladle.model.sentence import pad_batch
 from ladle.model.tensor_repository import DATATYPES, TensorModel, TensorSpec
 
 # ONNX Runtime's element types -> KServe datatypes
@@ -217,10 +218,5 @@ class OnnxSentenceEncoder:
 
     def embed(self, batch: list[list[int]]) -> np.ndarray:
         """One vector per id list, padded to the longest of the batch: float32 [B, H]."""
-        longest = max(len(ids) for ids in batch)
-        ids = np.full((len(batch), longest), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(batch), longest), dtype=np.int64)
-        for row, item in enumerate(batch):
-            ids[row, : len(item)] = item
-            mask[row, : len(item)] = 1
+        ids, mask = pad_batch(batch, self.pad_token_id)
         return self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
